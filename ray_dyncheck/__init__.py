@@ -1,0 +1,25 @@
+"""ray_dyncheck: on-demand checkpoints for distributed training on Ray Train.
+
+Touch ``<run dir>/dyncheck.save`` (or write a request) and every rank of a ``TorchTrainer`` saves one
+resumable checkpoint at the next check, reported as a ``ray.train.Checkpoint``; training goes on.
+"""
+
+from .agree import Decision
+from .config import DynamicCheckpointConfig, load_config
+from .hook import Backend, DynamicCheckpoint, LocalBackend
+from .requests import Request
+from .state import CheckpointInfo, Stateful
+
+__all__ = [
+    "Backend",
+    "CheckpointInfo",
+    "Decision",
+    "DynamicCheckpoint",
+    "DynamicCheckpointConfig",
+    "LocalBackend",
+    "Request",
+    "Stateful",
+    "load_config",
+]
+
+__version__ = "0.1.0"

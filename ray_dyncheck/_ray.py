@@ -1,0 +1,69 @@
+"""The Ray Train adapter: report, storage and checkpoints of the current Ray Train worker."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ContextManager, Iterator
+
+import pyarrow.fs as pafs
+import ray.train
+from ray.train import Checkpoint, CheckpointUploadMode
+
+from .hook import OnDone
+
+logger = logging.getLogger(__name__)
+
+
+class RayBackend:
+    """Runs in a Ray Train worker (inside ``train_loop_per_worker``).
+
+    Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` so training is blocked only for
+    the local write; the upload goes through our ``checkpoint_upload_fn``, which tells the hook when
+    the files are in the run's storage (so receipts are written only then). Ray waits for pending
+    uploads when the training function returns.
+    """
+
+    def __init__(self) -> None:
+        self.context = ray.train.get_context()
+        self.rank = self.context.get_world_rank()
+        self.world_size = self.context.get_world_size()
+
+    def storage(self) -> tuple[pafs.FileSystem, str] | None:
+        try:
+            storage = self.context.get_storage()
+        except NotImplementedError:  # Ray Train local mode (num_workers=0)
+            return None
+        return storage.storage_filesystem, storage.experiment_fs_path
+
+    def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
+               metadata: dict[str, Any], on_done: OnDone) -> None:
+        if directory is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        checkpoint = Checkpoint.from_directory(directory)
+        checkpoint.set_metadata(metadata)
+        storage = self.context.get_storage()
+
+        def upload(ckpt: Checkpoint, dir_name: str) -> Checkpoint:
+            try:
+                persisted = storage.persist_current_checkpoint(ckpt, dir_name)
+            except BaseException as exc:
+                on_done(None, exc)
+                raise
+            on_done(persisted.path, None)
+            return persisted
+
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=upload)
+
+    def checkpoints(self) -> Iterator[ContextManager[str]]:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return
+        yield latest.as_directory()
+        # Only reached when the newest was incomplete: walk back through the others.
+        reported = ray.train.get_all_reported_checkpoints()
+        for item in reversed(reported):
+            if item.checkpoint.path != latest.path:
+                yield item.checkpoint.as_directory()

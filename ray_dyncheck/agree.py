@@ -1,0 +1,139 @@
+"""The one cross-rank decision per check, and how often to check.
+
+Shape (as in Lightning's cross-rank decisions): rank 0 computes the decision locally, one collective
+delivers it, every rank acts on the same value. The collective runs on a CPU (gloo) side group, so
+NCCL training never synchronises for it, and every rank calls it at the same steps, always. Nothing
+here imports Ray.
+
+Example (every rank runs this at the same step):
+    >>> agreement = Agreement()          # world size 1 / no process group: local only
+    >>> agreement.agree(Decision(save=True, kind="full", next_interval=7)).next_interval
+    7
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Agreement", "AutoInterval", "Decision"]
+
+logger = logging.getLogger(__name__)
+
+_KINDS = {0: None, 1: "weights", 2: "full"}
+_CODES = {v: k for k, v in _KINDS.items()}
+REASONS = ("schedule", "request", "trigger", "interrupt")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What all ranks do at this check."""
+
+    save: bool = False
+    kind: str | None = None
+    """``full`` or ``weights`` when saving."""
+    stop: bool = False
+    """Leave the training loop after this step (after the save, if any)."""
+    next_interval: int = 1
+    """Steps until the next check (``check_interval: auto``)."""
+    reason: str = "request"
+    """Why it saves: one of ``REASONS`` (for metrics and metadata on every rank)."""
+
+    def encode(self) -> list[int]:
+        return [int(self.save), _CODES[self.kind if self.save else None], int(self.stop),
+                max(1, int(self.next_interval)), REASONS.index(self.reason)]
+
+    @classmethod
+    def decode(cls, values: list[int]) -> Decision:
+        save, kind, stop, interval, reason = values
+        return cls(save=bool(save), kind=_KINDS[kind] if save else None, stop=bool(stop),
+                   next_interval=max(1, interval), reason=REASONS[reason])
+
+
+class Agreement:
+    """Delivers rank 0's decision to every rank with one ``all_reduce(MAX)`` on a gloo group.
+
+    Construct it on every rank at the same point (creating the side group is itself collective).
+    Ranks other than 0 contribute zeros, so the result is rank 0's decision; any rank may raise a flag
+    (``stop``) and every rank sees it. Without an initialised process group, or at world size 1, no
+    collective runs.
+    """
+
+    def __init__(self) -> None:
+        self.group: dist.ProcessGroup | None = None
+        self.rank, self.world_size = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            if self.world_size > 1:
+                # A side group even when the default one is gloo: our collective never interleaves
+                # with the user's on the same communicator.
+                self.group = dist.new_group(backend="gloo")
+        self.calls = 0
+
+    def agree(self, local: Decision) -> Decision:
+        """Every rank calls this at the same step. Rank 0's ``local`` is the decision."""
+        self.calls += 1
+        if self.group is None:
+            return local
+        values = local.encode() if self.rank == 0 else [0, 0, int(local.stop), 0, 0]
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return Decision.decode(t.tolist())
+
+    def gather(self, obj: object) -> list[object] | None:
+        """Collect one small picklable object per rank on rank 0 (only when saving)."""
+        if self.group is None:
+            return [obj]
+        out: list[object] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return out
+
+    def close(self) -> None:
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.group = None
+
+
+def _nice(n: float) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= n: stable intervals, fewer log lines."""
+    if n <= 1:
+        return 1
+    exp = 10 ** math.floor(math.log10(n))
+    for m in (1, 2, 5, 10):
+        if m * exp >= n:
+            return int(m * exp)
+    return int(10 * exp)  # pragma: no cover
+
+
+class AutoInterval:
+    """Rank 0's choice of the next check interval for ``check_interval: auto``.
+
+    Keeps smoothed step time (training only, our own work excluded) and check cost, and picks the
+    shortest interval for which checks stay within ``max_overhead`` of training time.
+    """
+
+    def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3) -> None:
+        self.max_overhead = max_overhead
+        self.max_interval = max_interval
+        self.smoothing = smoothing
+        self.step_s: float | None = None
+        self.check_s: float | None = None
+        self.interval = 1
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def observe(self, step_s: float, check_s: float) -> int:
+        """Record the mean step time since the last check and this check's cost; return the interval."""
+        self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
+        self.check_s = self._ema(self.check_s, max(check_s, 0.0))
+        need = self.check_s / (self.max_overhead * self.step_s)
+        # Hysteresis: keep the current interval while it meets the budget and is not more than one
+        # notch too long, so measurement noise does not flip it back and forth.
+        if not (need <= self.interval <= _nice(2.5 * need)):
+            self.interval = min(self.max_interval, _nice(need))
+        return self.interval

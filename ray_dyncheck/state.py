@@ -1,0 +1,214 @@
+"""Capture and restore training state, in files that load without unpickling code.
+
+A checkpoint directory written here holds::
+
+    model.safetensors     the model's weights (unwrapped from DDP / torch.compile; tied weights kept once)
+    optimizer.pt          the optimizer's state_dict (``full`` checkpoints only)
+    trainer_state.pt      step, LR scheduler, per-rank RNG states and user state
+    dyncheck.json         the manifest, written last: format, kind, step, file sizes
+
+Everything but the weights loads with ``torch.load(weights_only=True)``. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import safetensors.torch
+import torch
+
+__all__ = ["CheckpointInfo", "Stateful", "capture_rank_state", "load_checkpoint", "read_manifest",
+           "unwrap_model", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer_state.pt"
+MANIFEST_FILE = "dyncheck.json"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` / ``load_state_dict()`` (a sampler, a data loader position)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a restore loaded."""
+
+    path: str
+    step: int
+    kind: str
+    loaded_optimizer: bool
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("dyncheck: CUDA RNG state saved for %d devices, %d visible: not restored",
+                           len(cuda), torch.cuda.device_count())
+
+
+def capture_rank_state(extra_state: Mapping[str, Stateful] | None) -> dict[str, Any]:
+    """This rank's small state: RNG states and the user's ``extra_state`` dicts."""
+    extra = {name: obj.state_dict() for name, obj in (extra_state or {}).items()}
+    return {"rng": _rng_state(), "extra": extra}
+
+
+def write_checkpoint(
+    directory: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    lr_scheduler: Any | None,
+    step: int,
+    kind: str,
+    rank_states: Sequence[Mapping[str, Any]],
+) -> dict[str, int]:
+    """Write one checkpoint into a local ``directory`` (rank 0). Returns ``{file: bytes}``.
+
+    ``kind="weights"`` leaves out the optimizer's state. The manifest is written last, so a
+    directory without it is not a complete checkpoint.
+    """
+    os.makedirs(directory, exist_ok=True)
+    module = unwrap_model(model)
+    safetensors.torch.save_model(module, os.path.join(directory, MODEL_FILE),
+                                 metadata={"format": "pt", "step": str(step)})
+    files = [MODEL_FILE]
+    if kind == "full" and optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        files.append(OPTIMIZER_FILE)
+    trainer_state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "kind": kind,
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "ranks": list(rank_states),
+    }
+    buf = io.BytesIO()
+    torch.save(trainer_state, buf)
+    try:
+        # Small: prove now that it loads without unpickling code, not at resume time.
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            "the training state (LR scheduler state_dict or extra_state) holds a type that "
+            f"torch.load(weights_only=True) refuses: {exc}. Keep extra_state to tensors, numbers, "
+            "strings, lists and dicts"
+        ) from None
+    with open(os.path.join(directory, TRAINER_FILE), "wb") as f:
+        f.write(buf.getvalue())
+    files.append(TRAINER_FILE)
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in files}
+    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step,
+                "world_size": len(rank_states), "files": sizes}
+    with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return sizes
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    """The manifest if ``directory`` is a complete ray_dyncheck checkpoint, else ``None``.
+
+    Raises:
+        ValueError: the manifest exists but files are missing or truncated (an incomplete write).
+    """
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {directory} has format_version "
+                         f"{manifest.get('format_version')!r}; this ray_dyncheck reads {FORMAT_VERSION}")
+    for name, size in manifest["files"].items():
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file) or os.path.getsize(file) != size:
+            raise ValueError(f"checkpoint {directory} is incomplete: {name} is missing or truncated")
+    return manifest
+
+
+def load_checkpoint(
+    directory: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    lr_scheduler: Any | None,
+    extra_state: Mapping[str, Stateful] | None,
+    rank: int,
+) -> CheckpointInfo:
+    """Load a checkpoint written by :func:`write_checkpoint` into live objects, on one rank."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise ValueError(f"{directory} is not a ray_dyncheck checkpoint (no {MANIFEST_FILE})")
+    module = unwrap_model(model)
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    safetensors.torch.load_model(module, os.path.join(directory, MODEL_FILE), strict=True,
+                                 device=str(device))
+    state = torch.load(os.path.join(directory, TRAINER_FILE), weights_only=True)
+    loaded_optimizer = False
+    if optimizer is not None and OPTIMIZER_FILE in manifest["files"]:
+        optimizer.load_state_dict(
+            torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True, map_location=device))
+        loaded_optimizer = True
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    ranks = state["ranks"]
+    if rank < len(ranks):
+        _set_rng_state(ranks[rank]["rng"])
+        for name, obj in (extra_state or {}).items():
+            if name in ranks[rank]["extra"]:
+                obj.load_state_dict(ranks[rank]["extra"][name])
+            else:
+                logger.warning("dyncheck: extra_state %r is not in checkpoint %s; left as is", name, directory)
+    else:
+        logger.warning("dyncheck: checkpoint %s was written by %d ranks; rank %d keeps fresh RNG and "
+                       "extra_state", directory, len(ranks), rank)
+    return CheckpointInfo(path=directory, step=int(state["step"]), kind=str(state["kind"]),
+                          loaded_optimizer=loaded_optimizer)
