@@ -72,6 +72,9 @@ class Agreement:
                 # A side group even when the default one is gloo: our collective never interleaves
                 # with the user's on the same communicator.
                 self.group = dist.new_group(backend="gloo")
+                # Connect now: the first collective on a group is far slower than the rest, and
+                # would mislead the first interval chosen by `auto`.
+                dist.all_reduce(torch.zeros(5, dtype=torch.int64), group=self.group)
         self.calls = 0
 
     def agree(self, local: Decision) -> Decision:
@@ -112,8 +115,9 @@ def _nice(n: float) -> int:
 class AutoInterval:
     """Rank 0's choice of the next check interval for ``check_interval: auto``.
 
-    Keeps smoothed step time (training only, our own work excluded) and check cost, and picks the
-    shortest interval for which checks stay within ``max_overhead`` of training time.
+    Keeps a smoothed step time (training only, our own work excluded) and the check cost (the least
+    of the last 8), and picks the shortest interval for which checks stay within ``max_overhead`` of
+    training time.
     """
 
     def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3) -> None:
@@ -123,6 +127,7 @@ class AutoInterval:
         self.step_s: float | None = None
         self.check_s: float | None = None
         self.interval = 1
+        self._recent_checks: list[float] = []
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
@@ -130,10 +135,14 @@ class AutoInterval:
     def observe(self, step_s: float, check_s: float) -> int:
         """Record the mean step time since the last check and this check's cost; return the interval."""
         self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
-        self.check_s = self._ema(self.check_s, max(check_s, 0.0))
+        # A check's time includes waiting for slower ranks, which the next collective of the
+        # training step would have waited for anyway: the smallest recent cost is the real one.
+        self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
+        self.check_s = min(self._recent_checks)
         need = self.check_s / (self.max_overhead * self.step_s)
         # Hysteresis: keep the current interval while it meets the budget and is not more than one
         # notch too long, so measurement noise does not flip it back and forth.
         if not (need <= self.interval <= _nice(2.5 * need)):
-            self.interval = min(self.max_interval, _nice(need))
+            # At most 10x longer per check: one outlier must not silence checks for minutes.
+            self.interval = min(self.max_interval, 10 * self.interval, _nice(need))
         return self.interval

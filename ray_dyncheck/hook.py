@@ -425,7 +425,12 @@ class LocalBackend:
         dest = posixpath.join(self.run_dir, name)
         try:
             write_json(pafs.LocalFileSystem(), posixpath.join(directory, ".metadata.json"), metadata)
-            pafs.copy_files(directory, dest, destination_filesystem=self.fs)
+            # Locally: copy beside it, then rename, so the final name is never half-written.
+            staging = posixpath.join(self.run_dir, f".tmp-{name}") if self.fs.type_name == "local" else dest
+            self.fs.create_dir(staging, recursive=True)
+            pafs.copy_files(directory, staging, destination_filesystem=self.fs)
+            if staging != dest:
+                self.fs.move(staging, dest)
         except Exception as exc:
             on_done(None, exc)
             raise

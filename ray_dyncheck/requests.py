@@ -147,6 +147,8 @@ class RequestChannel:
         # Versions of triggers that could not be moved away: acted on once, never again.
         self._acted: dict[str, tuple[Any, ...]] = {}
         self._warned: set[str] = set()
+        self._errors: dict[str, float] = {}
+        self._last_ok = True
 
     def path(self, sub: str, name: str = "") -> str:
         return posixpath.join(self.run_dir, sub, name) if name else posixpath.join(self.run_dir, sub)
@@ -165,16 +167,35 @@ class RequestChannel:
                     and info.mtime.timestamp() < marker)
 
     def poll(self) -> list[Request]:
-        """Claim everything new: leftovers in ``claimed/`` (first call), the trigger, the folder."""
+        """Claim everything new: leftovers in ``claimed/`` (first call), the trigger, the folder.
+
+        Each source is read on its own: one that fails (logged, at most once a minute per message)
+        never drops what another already claimed.
+        """
         found: list[Request] = []
         if not self._recovered:
-            found += self._recover_claimed()
-            self._recovered = True
-        trig = self._poll_trigger()
+            found += self._guard("read claimed requests", self._recover_claimed) or []
+            self._recovered = self._last_ok
+        trig = self._guard("read the trigger", self._poll_trigger)
         if trig is not None:
             found.append(trig)
-        found += self._poll_folder()
+        found += self._guard("read requests", self._poll_folder) or []
         return found
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        self._last_ok = False
+        try:
+            out = fn()
+        except Exception as exc:  # storage errors must never reach the training loop
+            msg = f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if now - self._errors.get(msg, -1e9) >= 60:
+                self._errors[msg] = now
+                logger.error("dyncheck: cannot %s in %s: %s (retrying; training goes on)",
+                             what, self.run_dir, msg)
+            return None
+        self._last_ok = True
+        return out
 
     def _recover_claimed(self) -> list[Request]:
         """Claimed but never retired: a worker restart inside this fit keeps them pending."""
@@ -388,9 +409,12 @@ class RequestPoller:
                     return
                 outbox, self._outbox = self._outbox, []
                 self._busy = len(outbox)
+            failed = []
             for requests, receipt in outbox:
-                self._guard("write receipts", self.channel.retire, requests, receipt)
+                if self._guard("write receipts", self.channel.retire, requests, receipt) is False:
+                    failed.append((requests, receipt))
             with self._wake:
+                self._outbox[:0] = failed  # retried at the next poll: a receipt is never dropped
                 self._busy = 0
                 self._wake.notify_all()
             if self._clock() >= next_poll:
@@ -405,6 +429,7 @@ class RequestPoller:
                 next_poll = self._clock() + self.interval_s
 
     def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn``; on an error log it (rate-limited) and return ``False``."""
         try:
             return fn(*args)
         except Exception as exc:  # storage errors must never reach the training loop
@@ -414,4 +439,4 @@ class RequestPoller:
                 self._last_error[msg] = now
                 logger.error("dyncheck: cannot %s in %s: %s (retrying every %.1f s; training goes on)",
                              what, self.channel.run_dir, msg, self.interval_s)
-            return None
+            return False

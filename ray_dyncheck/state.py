@@ -132,8 +132,8 @@ def write_checkpoint(
         "ranks": list(rank_states),
     }
     buf = io.BytesIO()
-    torch.save(trainer_state, buf)
     try:
+        torch.save(trainer_state, buf)
         # Small: prove now that it loads without unpickling code, not at resume time.
         torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     except Exception as exc:

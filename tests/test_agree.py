@@ -1,0 +1,99 @@
+"""Agreement across real gloo process groups (no Ray): every rank makes the same decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from gloo_workers import agreement_worker, run_ranks
+from ray_dyncheck.agree import AutoInterval, Decision, _nice
+
+
+def results(out, world_size):
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_trigger_decision_reaches_every_rank(tmp_path, world_size):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path)
+    cfg = {"check_interval": 5, "poll_interval_s": 0.05, "steps": 60, "step_time": 0.01}
+    # Touch at step 10, then hold rank 0 for a moment so the poller has surely claimed it.
+    run_ranks(agreement_worker, world_size, run_dir, out, cfg, {"10": ["touch", "sleep:0.3"]})
+    res = results(out, world_size)
+    assert all(r["checks"] == res[0]["checks"] for r in res), "every rank saw the same decisions"
+    assert [c[0] for c in res[0]["checks"]] == list(range(5, 61, 5)), "check_interval 5: step % 5 == 0"
+    saves = [c for c in res[0]["checks"] if c[1]]
+    assert [(c[0], c[2]) for c in saves] == [(15, "full")], "exactly one save, at the next check"
+    [save] = res[0]["saves"]
+    assert save["step"] == 15 and save["reason"] == "trigger" and save["path"].endswith(save["name"])
+    ckpt = os.path.join(run_dir, save["name"])
+    assert sorted(os.listdir(ckpt)) == [".metadata.json", "dyncheck.json", "model.safetensors",
+                                        "optimizer.pt", "trainer_state.pt"]
+    meta = json.load(open(os.path.join(ckpt, ".metadata.json")))
+    assert (meta["kind"], meta["step"], meta["reason"], meta["format_version"]) == ("full", 15, "trigger", 1)
+    assert meta["request_id"] == save["requests"][0]
+    receipt = json.load(open(os.path.join(run_dir, ".dyncheck", "receipts", f"{meta['request_id']}.json")))
+    assert (receipt["status"], receipt["step"], receipt["checkpoint"]) == ("ok", 15, ckpt)
+    assert not os.path.exists(os.path.join(run_dir, "dyncheck.save"))
+    assert os.listdir(os.path.join(run_dir, ".dyncheck", "claimed")) == []
+
+
+def test_rank0_storage_error_is_no_request_and_no_hang(tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path)
+    cfg = {"check_interval": 2, "poll_interval_s": 0.05, "steps": 40, "step_time": 0.01}
+    run_ranks(agreement_worker, 2, run_dir, out, cfg,
+              {"3": ["break_requests", "sleep:0.3"], "20": ["touch", "sleep:0.3"]})
+    res = results(out, 2)
+    assert res[0]["checks"] == res[1]["checks"]
+    assert res[0]["final_step"] == res[1]["final_step"] == 40
+    assert [c[0] for c in res[0]["checks"] if c[1]] == [22], "trigger still honoured, request folder broken"
+
+
+def test_request_with_stop_ends_every_rank_at_the_same_step(tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path)
+    cfg = {"check_interval": 4, "poll_interval_s": 0.05, "steps": 80, "step_time": 0.005}
+    req = json.dumps({"id": "stop-now", "kind": "weights", "stop": True})
+    run_ranks(agreement_worker, 2, run_dir, out, cfg, {"10": [f"request:{req}", "sleep:0.3"]})
+    res = results(out, 2)
+    assert res[0]["final_step"] == res[1]["final_step"] == 12
+    [save] = res[0]["saves"]
+    assert (save["kind"], save["reason"], save["requests"]) == ("weights", "request", ["stop-now"])
+    assert "optimizer.pt" not in os.listdir(os.path.join(run_dir, save["name"]))
+
+
+def test_auto_interval_is_agreed_on_all_ranks(tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path)
+    cfg = {"check_interval": "auto", "poll_interval_s": 0.05, "steps": 300, "step_time": 0.002}
+    run_ranks(agreement_worker, 2, run_dir, out, cfg, {"150": ["touch", "sleep:0.3"]})
+    res = results(out, 2)
+    checks = res[0]["checks"]
+    assert checks == res[1]["checks"]
+    steps = [c[0] for c in checks]
+    # Each check happens exactly next_interval steps after the previous one, on both ranks.
+    assert all(b - a == c[4] for a, b, c in zip(steps, steps[1:], checks))
+    assert max(c[4] for c in checks) > 1, "auto backs off from checking every step"
+    assert len(checks) < 300 / 2
+    assert [c[0] > 150 for c in checks if c[1]] == [True]
+
+
+def test_auto_interval_choice():
+    auto = AutoInterval(max_overhead=0.005)
+    # 20 ms steps, 1 ms checks: 1 / (0.005 * 20) = 10 steps.
+    assert auto.observe(0.020, 0.001) == 10
+    # Noise around the same point keeps it.
+    assert auto.observe(0.021, 0.00105) == 10
+    # One check that waited on a slow rank does not count: the least recent cost does.
+    assert auto.observe(0.020, 0.050) == 10
+    # Consistently slower checks: the budget forces a longer interval, 10x per check at most.
+    assert [auto.observe(0.020, 0.004) for _ in range(9)][-1] == 50
+    slow = AutoInterval(max_overhead=0.005)
+    assert [slow.observe(0.001, 0.01) for _ in range(4)] == [10, 100, 1000, 2000]
+    assert [_nice(x) for x in (0.3, 1, 1.01, 3, 7, 11, 99, 101)] == [1, 1, 2, 5, 10, 20, 100, 200]
+
+
+def test_decision_round_trip():
+    d = Decision(save=True, kind="weights", stop=True, next_interval=17, reason="interrupt")
+    assert Decision.decode(d.encode()) == d
+    assert Decision.decode(Decision(next_interval=3).encode()) == Decision(next_interval=3)

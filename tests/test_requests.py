@@ -1,0 +1,194 @@
+"""The request channel on a real local filesystem (pyarrow.fs): claim, retire, stale, receipts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from ray_dyncheck.requests import RUN_MARKER, RequestChannel, RequestPoller, parse_body
+
+
+@pytest.fixture
+def run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    marker = run_dir / RUN_MARKER
+    marker.touch()
+    past = time.time() - 100
+    os.utime(marker, (past, past))  # the run "started" 100 s ago
+    return run_dir
+
+
+def channel(run_dir, trigger="dyncheck.save"):
+    return RequestChannel(pafs.LocalFileSystem(), str(run_dir), trigger)
+
+
+def receipts(run_dir):
+    folder = run_dir / ".dyncheck" / "receipts"
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.exists() else {}
+
+
+def test_trigger_is_claimed_then_retired_with_receipt(run):
+    ch = channel(run)
+    assert ch.poll() == []
+    (run / "dyncheck.save").touch()
+    [req] = ch.poll()
+    assert (req.source, req.kind, req.stop) == ("trigger", "full", False)
+    assert not (run / "dyncheck.save").exists(), "claimed: moved out of the way"
+    assert req.path is not None and os.path.exists(req.path)
+    # A touch during the save is a new request, not lost and not merged.
+    (run / "dyncheck.save").touch()
+    [again] = ch.poll()
+    assert again.id != req.id
+    ch.retire([req], {"status": "ok", "step": 7, "checkpoint": "/x"})
+    assert not os.path.exists(req.path)
+    got = receipts(run)[req.id]
+    assert (got["status"], got["step"], got["checkpoint"], got["source"]) == ("ok", 7, "/x", "trigger")
+    assert ch.poll() == []
+
+
+def test_stale_trigger_is_discarded_with_warning(run, caplog):
+    trig = run / "dyncheck.save"
+    trig.touch()
+    old = time.time() - 1000
+    os.utime(trig, (old, old))
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        assert channel(run).poll() == []
+    assert "written before this run started" in caplog.text
+    assert not trig.exists()
+
+
+def test_directory_trigger_acts_once_then_only_when_it_changes(run, caplog):
+    trig = run / "dyncheck.save"
+    trig.mkdir()
+    ch = channel(run)
+    with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+        first = ch.poll()
+        assert [r.source for r in first] == ["trigger"]
+        for _ in range(5):
+            assert ch.poll() == [], "no save storm from a trigger that cannot be removed"
+    assert caplog.text.count("is acted on once but it is a directory") == 1
+    ch.retire(first, {"status": "ok"})
+    assert trig.is_dir()
+    later = time.time() + 5
+    os.utime(trig, (later, later))  # `touch` on it again: a new version, a new request
+    assert len(ch.poll()) == 1
+
+
+def test_request_folder_bodies(run):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "a1.json").write_text(json.dumps({"id": "a1", "kind": "weights", "stop": True}))
+    (folder / "b2.json").write_text("")
+    (folder / "bad.json").write_text("{not json")
+    (folder / "mismatch.json").write_text(json.dumps({"id": "other"}))
+    (folder / "kind.json").write_text(json.dumps({"kind": "everything"}))
+    (folder / "big.json").write_text(" " * (64 * 1024 + 1))
+    (folder / ".partial-upload").write_text("{}")
+    got = {r.id: r for r in channel(run).poll()}
+    assert set(got) == {"a1", "b2"}
+    assert (got["a1"].kind, got["a1"].stop, got["a1"].source) == ("weights", True, "request")
+    assert (got["b2"].kind, got["b2"].stop) == ("full", False)
+    rec = receipts(run)
+    assert rec["bad"]["status"] == "rejected" and "not JSON" in rec["bad"]["error"]
+    assert rec["mismatch"]["error"] == "request id 'other' does not match its file name 'mismatch'.json"
+    assert rec["kind"]["error"] == "request kind must be 'full' or 'weights', got 'everything'"
+    assert rec["big"]["error"] == "request body is 65537 bytes; the limit is 65536"
+    assert sorted(p.name for p in folder.iterdir()) == [".partial-upload"]
+
+
+def test_stale_request_gets_a_discarded_receipt(run):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    req = folder / "old.json"
+    req.write_text("{}")
+    old = time.time() - 1000
+    os.utime(req, (old, old))
+    assert channel(run).poll() == []
+    assert receipts(run)["old"] == {"id": "old", "status": "discarded",
+                                    "error": "written before this run started",
+                                    "time": receipts(run)["old"]["time"]}
+
+
+def test_claimed_requests_survive_a_restart_but_not_a_new_run(run):
+    (run / "dyncheck.save").touch()
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "r1.json").write_text('{"kind": "weights"}')
+    claimed = channel(run).poll()
+    assert len(claimed) == 2
+    # A worker restart inside the same fit: a fresh channel finds them pending again.
+    again = channel(run).poll()
+    assert sorted(r.id for r in again) == sorted(r.id for r in claimed)
+    assert {r.id: r.kind for r in again}["r1"] == "weights"
+    # A new fit rewrites the marker: claims from before it are stale.
+    future = time.time() + 100
+    os.utime(run / RUN_MARKER, (future, future))
+    assert channel(run).poll() == []
+    assert receipts(run)["r1"]["status"] == "discarded"
+    assert list((run / ".dyncheck" / "claimed").iterdir()) == []
+
+
+def test_absolute_trigger_path_outside_run_dir(tmp_path, run):
+    outside = tmp_path / "elsewhere" / "go.save"
+    outside.parent.mkdir()
+    ch = channel(run, str(outside))
+    outside.touch()
+    [req] = ch.poll()
+    assert not outside.exists()
+    ch.retire([req], {"status": "ok"})
+    assert receipts(run)[req.id]["status"] == "ok"
+
+
+def test_parse_body_rejects_unknown_fields():
+    with pytest.raises(ValueError, match=r"^unknown request field\(s\): extra$"):
+        parse_body(b'{"extra": 1}', "x")
+    with pytest.raises(ValueError, match="^request stop must be true or false, got 'yes'$"):
+        parse_body(b'{"stop": "yes"}', "x")
+
+
+def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
+    ch = channel(run)
+    poller = RequestPoller(ch, interval_s=0.05).start()
+    try:
+        (run / "dyncheck.save").touch()
+        deadline = time.time() + 10
+        got = []
+        while not got and time.time() < deadline:
+            got = poller.take()
+            time.sleep(0.02)
+        assert [r.source for r in got] == ["trigger"]
+        assert poller.take() == [], "taken once: one request, one checkpoint"
+        # Break one source: the request folder becomes a file, so listing it fails. The trigger
+        # still works, the error is logged once (rate-limited), nothing reaches the caller.
+        folder = run / ".dyncheck" / "requests"
+        folder.write_text("not a folder")
+        with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+            (run / "dyncheck.save").touch()
+            polls = poller.polls
+            while poller.polls < polls + 5 and time.time() < deadline:
+                time.sleep(0.02)
+            got = poller.take()
+        assert [r.source for r in got] == ["trigger"]
+        assert poller._thread.is_alive()
+        assert caplog.text.count("cannot read requests") == 1, caplog.text
+        # Storage back: a request written now is claimed.
+        folder.unlink()
+        folder.mkdir()
+        (folder / "later.json").write_text("{}")
+        got = []
+        while not got and time.time() < deadline:
+            got = poller.take()
+            time.sleep(0.02)
+        assert [r.id for r in got] == ["later"]
+        poller.complete(got, {"status": "ok", "step": 3})
+        assert poller.flush(5.0)
+        assert receipts(run)["later"]["step"] == 3
+    finally:
+        poller.close(timeout=5)
+    assert not poller._thread.is_alive()

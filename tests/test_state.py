@@ -1,0 +1,132 @@
+"""State capture and restore: safetensors weights (tied too), weights_only loads, RNG, user state."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from ray_dyncheck.state import (
+    capture_rank_state,
+    load_checkpoint,
+    read_manifest,
+    unwrap_model,
+    write_checkpoint,
+)
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+class Position:
+    def __init__(self, index=0):
+        self.index = index
+
+    def state_dict(self):
+        return {"index": self.index, "order": torch.arange(3)}
+
+    def load_state_dict(self, sd):
+        self.index = sd["index"]
+
+
+def train(model, opt, steps=3):
+    for _ in range(steps):
+        loss = model(torch.tensor([1, 2, 3])).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_round_trip_full_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    train(model, opt)
+    sched.step()
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    pos = Position(41)
+    states = [capture_rank_state({"pos": pos}), capture_rank_state({"pos": Position(99)})]
+    sizes = write_checkpoint(str(tmp_path), model=model, optimizer=opt, lr_scheduler=sched, step=3,
+                             kind="full", rank_states=states)
+    assert set(sizes) == {"model.safetensors", "optimizer.pt", "trainer_state.pt"}
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    # Every file loads without unpickling code; weights are safetensors with the tie stored once.
+    torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert len(safetensors.torch.load_file(tmp_path / "model.safetensors")) == 1
+
+    torch.manual_seed(123)
+    fresh = Tied()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2, gamma=0.5)
+    fresh_pos = Position()
+    info = load_checkpoint(str(tmp_path), model=torch.nn.parallel.DataParallel(fresh), optimizer=fresh_opt,
+                           lr_scheduler=fresh_sched, extra_state={"pos": fresh_pos}, rank=0)
+    assert (info.step, info.kind, info.loaded_optimizer) == (3, "full", True)
+    assert fresh.out.weight is fresh.emb.weight
+    assert torch.equal(fresh.emb.weight, model.emb.weight)
+    assert fresh_sched.state_dict() == sched.state_dict()
+    assert fresh_pos.index == 41
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    # Continuing from the restored state gives bitwise the same parameters.
+    train(model, opt), train(fresh, fresh_opt)
+    assert torch.equal(fresh.emb.weight, model.emb.weight)
+
+
+def test_weights_checkpoint_has_no_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    write_checkpoint(str(tmp_path), model=model, optimizer=opt, lr_scheduler=None, step=9, kind="weights",
+                     rank_states=[capture_rank_state(None)])
+    assert not os.path.exists(tmp_path / "optimizer.pt")
+    info = load_checkpoint(str(tmp_path), model=torch.nn.Linear(3, 2), optimizer=opt, lr_scheduler=None,
+                           extra_state=None, rank=0)
+    assert (info.step, info.kind, info.loaded_optimizer) == (9, "weights", False)
+
+
+class Opaque:
+    pass
+
+
+def test_extra_state_that_needs_pickle_is_refused(tmp_path):
+    class Bad:
+        def state_dict(self):
+            return {"thing": Opaque()}
+
+        def load_state_dict(self, sd):
+            pass
+
+    with pytest.raises(ValueError, match=r"^the training state \(LR scheduler state_dict or extra_state\) "
+                                         r"holds a type that torch.load\(weights_only=True\) refuses"):
+        write_checkpoint(str(tmp_path), model=torch.nn.Linear(1, 1), optimizer=None, lr_scheduler=None,
+                         step=1, kind="full", rank_states=[capture_rank_state({"bad": Bad()})])
+    assert not os.path.exists(tmp_path / "dyncheck.json"), "no manifest: never claimed complete"
+
+
+def test_incomplete_checkpoint_is_detected(tmp_path):
+    write_checkpoint(str(tmp_path), model=torch.nn.Linear(3, 2), optimizer=None, lr_scheduler=None, step=1,
+                     kind="full", rank_states=[capture_rank_state(None)])
+    assert read_manifest(str(tmp_path))["step"] == 1
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="is incomplete: model.safetensors is missing or truncated$"):
+        read_manifest(str(tmp_path))
+    assert read_manifest(str(tmp_path / "nothing")) is None
+
+
+def test_unwrap_model():
+    inner = torch.nn.Linear(1, 1)
+    assert unwrap_model(torch.nn.DataParallel(torch.nn.DataParallel(inner))) is inner
