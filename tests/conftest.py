@@ -1,0 +1,41 @@
+"""Shared fixtures: one real Ray instance per test module that needs it; env and handlers restored."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_env_and_signals():
+    env = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    for s, h in handlers.items():
+        if signal.getsignal(s) is not h and h is not None:
+            signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for this module. A rank that skips a collective fails the test instead of hanging."""
+    import ray
+    import ray.cloudpickle
+
+    import ray_workloads
+
+    saved = dict(os.environ)
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

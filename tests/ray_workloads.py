@@ -1,0 +1,87 @@
+"""The training function the Ray tests run in real TorchTrainer workers (CPU, gloo).
+
+Sent to workers by value (see conftest), so workers need not import the tests folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+import ray_dyncheck as rdc
+
+
+def batch_for(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic data indexed by step and rank: a resumed run sees what it would have seen."""
+    g = torch.Generator().manual_seed(step * 1000 + rank)
+    x = torch.randn(16, 8, generator=g)
+    return x, x.sum(dim=1, keepdim=True).sin()
+
+
+def train_fn(config: dict) -> None:
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    storage = ctx.get_storage()
+    run_dir = storage.experiment_fs_path
+    torch.manual_seed(0)
+    model = prepare_model(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
+    checks = []
+    with rdc.DynamicCheckpoint(config["dynamic_checkpoint"], model=model, optimizer=opt,
+                               lr_scheduler=sched) as dc:
+        info = dc.restore()
+        start = dc.global_step
+        while dc.global_step < config["steps"]:
+            if rank == 0:
+                for action in config.get("actions", {}).get(str(dc.global_step), []):
+                    act(run_dir, action)
+            x, y = batch_for(dc.global_step, rank)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            time.sleep(config.get("step_time", 0.0))
+            decision = dc.step(metrics={"loss": loss.detach()})
+            if decision is not None:
+                checks.append([dc.global_step, decision.save, decision.kind, decision.stop])
+            if dc.should_stop:
+                break
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    record = {"rank": rank, "start": start, "final_step": dc.global_step, "checks": checks,
+              "restored": None if info is None else [info.step, info.kind]}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if rank == 0:
+        inner = model.module if hasattr(model, "module") else model
+        torch.save({k: v.clone() for k, v in inner.state_dict().items()}, os.path.join(out, "final.pt"))
+
+
+def act(run_dir: str, action: str) -> None:
+    """What a user does from outside, done by rank 0 at a known step (real files in the run dir)."""
+    trigger = os.path.join(run_dir, "dyncheck.save")
+    if action == "touch":
+        open(trigger, "a").close()
+    elif action == "mkdir_trigger":
+        os.makedirs(trigger)
+    elif action.startswith("request:"):
+        body = json.loads(action.split(":", 1)[1])
+        folder = os.path.join(run_dir, ".dyncheck", "requests")
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{body['id']}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(body, f)
+        os.rename(tmp, os.path.join(folder, f"{body['id']}.json"))
+    elif action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+    else:
+        raise ValueError(action)
