@@ -99,7 +99,10 @@ def main() -> int:
     args = p.parse_args()
 
     dc_config = rdc.DynamicCheckpointConfig.from_yaml(args.config)
-    ray.init(num_cpus=max(2, args.num_workers), include_dashboard=False)
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
+        ray.init()
+    else:  # a local, embedded Ray
+        ray.init(num_cpus=max(2, args.num_workers), include_dashboard=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "step_time": args.step_time,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ContextManager, Iterator
+from collections.abc import Iterator
+from typing import Any, ContextManager
 
 import pyarrow.fs as pafs
 import ray.train

@@ -16,8 +16,9 @@ import dataclasses
 import math
 import os
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 import yaml
 

@@ -22,9 +22,10 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyarrow.fs as pafs
 
