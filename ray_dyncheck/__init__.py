@@ -6,6 +6,7 @@ resumable checkpoint at the next check, reported as a ``ray.train.Checkpoint``; 
 
 from .agree import Decision
 from .config import DynamicCheckpointConfig, load_config
+from .driver import fit
 from .hook import Backend, DynamicCheckpoint, LocalBackend
 from .requests import Request
 from .state import CheckpointInfo, Stateful
@@ -19,6 +20,7 @@ __all__ = [
     "LocalBackend",
     "Request",
     "Stateful",
+    "fit",
     "load_config",
 ]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,7 @@ def _nice(n: float) -> int:
 class AutoInterval:
     """Rank 0's choice of the next check interval for ``check_interval: auto``.
 
-    Keeps a smoothed step time (training only, our own work excluded) and the check cost (the least
+    Keeps a smoothed step time (training only, our own work excluded) and the check cost (the median
     of the last 8), and picks the shortest interval for which checks stay within ``max_overhead`` of
     training time.
     """
@@ -135,10 +136,10 @@ class AutoInterval:
     def observe(self, step_s: float, check_s: float) -> int:
         """Record the mean step time since the last check and this check's cost; return the interval."""
         self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
-        # A check's time includes waiting for slower ranks, which the next collective of the
-        # training step would have waited for anyway: the smallest recent cost is the real one.
+        # The median of the last 8: one check that waited on a slow rank (a wait the next gradient
+        # all-reduce would have had anyway) does not move it.
         self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
-        self.check_s = min(self._recent_checks)
+        self.check_s = statistics.median(self._recent_checks)
         need = self.check_s / (self.max_overhead * self.step_s)
         # Hysteresis: keep the current interval while it meets the budget and is not more than one
         # notch too long, so measurement noise does not flip it back and forth.

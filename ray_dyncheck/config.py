@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import posixpath
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -68,6 +69,16 @@ class DynamicCheckpointConfig:
     poll_interval_s: float = 1.0
     """Seconds between two reads of the trigger and request folder by rank 0's background poller."""
 
+    on_interrupt: Literal["weights", "full", "none"] = "weights"
+    """What ``rdc.fit`` asks for on Ctrl+C / SIGTERM: a weights-only save, a full one, or none (then
+    the workers still stop cleanly)."""
+
+    interrupt_grace_s: float = 120.0
+    """How long ``rdc.fit`` waits for that save and a clean stop before forcing the exit."""
+
+    signals: tuple[str, ...] = ("SIGINT", "SIGTERM")
+    """The signals ``rdc.fit`` handles while it runs (add ``SIGUSR1`` for Slurm's warning signal)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise _error("enabled", self.enabled, "set it to true or false")
@@ -87,6 +98,17 @@ class DynamicCheckpointConfig:
         pis = self.poll_interval_s
         if not (_is_number(pis) and 0 < pis <= 3600):
             raise _error("poll_interval_s", pis, "set it to a number of seconds in (0, 3600], e.g. 1.0")
+        if self.on_interrupt not in ("weights", "full", "none"):
+            raise _error("on_interrupt", self.on_interrupt, "set it to 'weights', 'full' or 'none'")
+        grace = self.interrupt_grace_s
+        if not (_is_number(grace) and grace > 0):
+            raise _error("interrupt_grace_s", grace, "set it to a number of seconds > 0, e.g. 120")
+        sigs = self.signals
+        if isinstance(sigs, str) or not isinstance(sigs, (list, tuple)) or not all(
+            isinstance(n, str) and isinstance(getattr(signal, n, None), signal.Signals) for n in sigs
+        ):
+            raise _error("signals", sigs, "set it to a list of signal names, e.g. [SIGINT, SIGTERM, SIGUSR1]")
+        object.__setattr__(self, "signals", tuple(sigs))
 
     def _validate_trigger_path(self) -> None:
         path = self.trigger_file_path

@@ -240,6 +240,10 @@ class DynamicCheckpoint:
             else:
                 kind, reason = "full", "schedule"
             self._save(kind, reason, requests, metrics)
+        if decision is not None and decision.stop and not decision.save and requests and self._poller:
+            # A stop without a save (on_interrupt: none) still answers its requests.
+            self._poller.complete(requests, {"status": "ok", "kind": None, "step": step,
+                                             "reason": decision.reason, "checkpoint": None})
         if decision is not None and decision.stop:
             self.should_stop = True
             if self.rank == 0:
@@ -390,10 +394,12 @@ class DynamicCheckpoint:
 def _decide(requests: Sequence[Request], interval: int) -> Decision:
     if not requests:
         return Decision(next_interval=interval)
-    kind = "full" if any(r.kind == "full" for r in requests) else "weights"
-    reason = "trigger" if any(r.source == "trigger" for r in requests) else "request"
-    return Decision(save=True, kind=kind, stop=any(r.stop for r in requests), next_interval=interval,
-                    reason=reason)
+    kinds = {r.kind for r in requests}
+    kind = "full" if "full" in kinds else "weights" if "weights" in kinds else None
+    sources = {r.source for r in requests}
+    reason = next(s for s in ("interrupt", "trigger", "request") if s in sources or s == "request")
+    return Decision(save=kind is not None, kind=kind, stop=any(r.stop for r in requests),
+                    next_interval=interval, reason=reason)
 
 
 class LocalBackend:

@@ -41,7 +41,7 @@ RECEIPTS = f"{CHANNEL_DIR}/receipts"
 # restart inside one fit): requests older than it were written before this run started.
 RUN_MARKER = ".validate_storage_marker"
 MAX_BODY_BYTES = 64 * 1024
-KINDS = ("full", "weights")
+KINDS = ("full", "weights", "none")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -97,11 +97,16 @@ def parse_body(raw: bytes, stem: str) -> Request:
         raise ValueError(f"request id {rid!r} does not match its file name {stem!r}.json")
     kind = body.get("kind", "full")
     if kind not in KINDS:
-        raise ValueError(f"request kind must be 'full' or 'weights', got {kind!r}")
+        raise ValueError(f"request kind must be 'full', 'weights' or 'none', got {kind!r}")
     stop = body.get("stop", False)
     if not isinstance(stop, bool):
         raise ValueError(f"request stop must be true or false, got {stop!r}")
-    return Request(id=rid, kind=kind, stop=stop, source="request")
+    if kind == "none" and not stop:
+        raise ValueError("request kind 'none' (no save) only makes sense with stop: true")
+    source = body.get("source", "request")
+    if source not in ("request", "interrupt"):
+        raise ValueError(f"request source must be 'request' or 'interrupt', got {source!r}")
+    return Request(id=rid, kind=kind, stop=stop, source=source)
 
 
 def write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:

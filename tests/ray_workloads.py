@@ -81,6 +81,8 @@ def act(run_dir: str, action: str) -> None:
         with open(tmp, "w") as f:
             json.dump(body, f)
         os.rename(tmp, os.path.join(folder, f"{body['id']}.json"))
+    elif action.startswith("ready:"):  # tell a test process that training is under way
+        open(action.split(":", 1)[1], "a").close()
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
     else:

@@ -23,7 +23,7 @@ micro_batch_size: 2
 def test_public_names():
     assert sorted(ray_dyncheck.__all__) == [
         "Backend", "CheckpointInfo", "Decision", "DynamicCheckpoint", "DynamicCheckpointConfig",
-        "LocalBackend", "Request", "Stateful", "load_config",
+        "LocalBackend", "Request", "Stateful", "fit", "load_config",
     ]
 
 
@@ -34,6 +34,8 @@ def test_defaults():
     assert cfg.trigger_file_path == "dyncheck.save"
     assert cfg.save_steps is None
     assert cfg.max_check_overhead == 0.005
+    assert (cfg.on_interrupt, cfg.interrupt_grace_s, cfg.signals) == ("weights", 120.0, ("SIGINT", "SIGTERM"))
+    assert DynamicCheckpointConfig(signals=["SIGUSR1"]).signals == ("SIGUSR1",)
 
 
 def test_axolotl_block_loads_verbatim(tmp_path):
@@ -85,7 +87,13 @@ def test_load_config_accepts_all_shapes(tmp_path):
         ({"poll_interval_s": 0}, "dynamic_checkpoint.poll_interval_s: got 0;"),
         ({"check_intervall": 5, "enable": True},
          "unknown dynamic_checkpoint key(s): check_intervall, enable; valid keys are check_interval, "
-         "enabled, max_check_overhead, poll_interval_s, save_steps, trigger_file_path"),
+         "enabled, interrupt_grace_s, max_check_overhead, on_interrupt, poll_interval_s, save_steps, signals, "
+         "trigger_file_path"),
+        ({"on_interrupt": "pause"},
+         "dynamic_checkpoint.on_interrupt: got 'pause'; set it to 'weights', 'full' or 'none'"),
+        ({"interrupt_grace_s": -1}, "dynamic_checkpoint.interrupt_grace_s: got -1; set it to a number of seconds > 0"),
+        ({"signals": ["SIGINT", "SIGNOPE"]},
+         "dynamic_checkpoint.signals: got ['SIGINT', 'SIGNOPE']; set it to a list of signal names"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(data, message):

@@ -97,7 +97,7 @@ def test_request_folder_bodies(run):
     rec = receipts(run)
     assert rec["bad"]["status"] == "rejected" and "not JSON" in rec["bad"]["error"]
     assert rec["mismatch"]["error"] == "request id 'other' does not match its file name 'mismatch'.json"
-    assert rec["kind"]["error"] == "request kind must be 'full' or 'weights', got 'everything'"
+    assert rec["kind"]["error"] == "request kind must be 'full', 'weights' or 'none', got 'everything'"
     assert rec["big"]["error"] == "request body is 65537 bytes; the limit is 65536"
     assert sorted(p.name for p in folder.iterdir()) == [".partial-upload"]
 

@@ -1,0 +1,44 @@
+"""A driver script for the interrupt tests: local Ray, TorchTrainer, ``rdc.fit``. Run as a process.
+
+    python tests/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ray  # noqa: E402
+import ray.cloudpickle  # noqa: E402
+from ray.train import RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+import ray_dyncheck as rdc  # noqa: E402
+import ray_workloads  # noqa: E402
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    storage, name, out, ready = sys.argv[1:5]
+    dc = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    steps = int(sys.argv[6]) if len(sys.argv) > 6 else 100_000
+    ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.init(num_cpus=4, include_dashboard=False)
+    trainer = TorchTrainer(
+        ray_workloads.train_fn,
+        train_loop_config={"steps": steps, "step_time": 0.02, "dynamic_checkpoint": dc, "out": out,
+                           "actions": {"3": [f"ready:{ready}"]}},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name=name, storage_path=storage),
+    )
+    result = rdc.fit(trainer)
+    print(f"fit returned; latest checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Graceful interrupt with real processes and real signals: the driver runs ``rdc.fit`` in its own
+process (and process group), with its own local Ray; the test signals it like a terminal would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+
+pytestmark = pytest.mark.ray
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILLED_BY_SIGINT = (-signal.SIGINT, 130)
+
+
+def start_driver(tmp_path, dc=None, steps=100_000):
+    ready = tmp_path / "ready"
+    log = open(tmp_path / "driver.log", "w")
+    env = dict(os.environ, RAY_TRAIN_COLLECTIVE_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "interrupt_driver.py"), str(tmp_path / "results"), "run",
+         str(tmp_path / "out"), str(ready), json.dumps(dc or {}), str(steps)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, ready
+
+
+def wait_ready(proc, ready, tmp_path, timeout=180):
+    deadline = time.time() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"driver never started training:\n{(tmp_path / 'driver.log').read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def finish(proc, tmp_path, timeout=120):
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"driver did not exit:\n{(tmp_path / 'driver.log').read_text()[-4000:]}")
+    return rc, (tmp_path / "driver.log").read_text()
+
+
+def weights_checkpoints(tmp_path):
+    run = tmp_path / "results" / "run"
+    out = []
+    for d in sorted(p for p in run.glob("checkpoint_*") if p.is_dir()):
+        meta = json.loads((d / ".metadata.json").read_text())
+        out.append((d, meta))
+    return out
+
+
+def test_sigint_to_the_process_group_saves_weights_and_stops(tmp_path):
+    proc, ready = start_driver(tmp_path)
+    wait_ready(proc, ready, tmp_path)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
+    rc, log = finish(proc, tmp_path)
+    elapsed = time.time() - t0
+    assert rc in KILLED_BY_SIGINT, log[-3000:]
+    assert "interrupt received (SIGINT): asking workers for a weights-only save (SIGINT again to force)" in log
+    [(path, meta)] = weights_checkpoints(tmp_path)
+    assert (meta["kind"], meta["reason"]) == ("weights", "interrupt")
+    assert not (path / "optimizer.pt").exists()
+    weights = safetensors.torch.load_file(path / "model.safetensors")
+    assert weights["0.weight"].shape == (32, 8)
+    assert f"weights checkpoint at step {meta['step']}" in log
+    print(f"SIGINT (process group) -> exit: {elapsed:.1f} s")
+
+
+def test_sigterm_to_the_driver_pid_then_resume_from_weights(tmp_path):
+    proc, ready = start_driver(tmp_path)
+    wait_ready(proc, ready, tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)  # what `ray job stop` sends
+    rc, log = finish(proc, tmp_path)
+    assert rc == 128 + signal.SIGTERM, log[-3000:]
+    [(_, meta)] = weights_checkpoints(tmp_path)
+    assert (meta["kind"], meta["reason"]) == ("weights", "interrupt")
+    # Resume: the same name and storage continue at the saved step with a fresh optimizer.
+    step = meta["step"]
+    proc, ready = start_driver(tmp_path, steps=step + 10)
+    rc, log = finish(proc, tmp_path, timeout=180)
+    assert rc == 0, log[-3000:]
+    record = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert (record["restored"], record["start"], record["final_step"]) == ([step, "weights"], step, step + 10)
+    assert "optimizer state starts fresh: the interrupt saved weights only" in log
+
+
+def test_second_sigint_forces_exit(tmp_path):
+    # Checks are 10 000 steps apart: the first SIGINT's request cannot be honoured in time.
+    proc, ready = start_driver(tmp_path, dc={"check_interval": 10_000})
+    wait_ready(proc, ready, tmp_path)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)  # inside the debounce: the same Ctrl+C, not a second one
+    time.sleep(1.5)
+    assert proc.poll() is None, "a duplicate within the debounce must not force the exit"
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGINT)
+    rc, log = finish(proc, tmp_path, timeout=60)
+    assert rc in KILLED_BY_SIGINT
+    assert time.time() - t0 < 20
+    assert "forced exit (second SIGINT)" in log
+    assert weights_checkpoints(tmp_path) == []
+
+
+def test_grace_deadline_forces_exit(tmp_path):
+    proc, ready = start_driver(tmp_path, dc={"check_interval": 10_000, "interrupt_grace_s": 2})
+    wait_ready(proc, ready, tmp_path)
+    os.kill(proc.pid, signal.SIGINT)
+    rc, log = finish(proc, tmp_path, timeout=60)
+    assert rc in KILLED_BY_SIGINT
+    assert "forced exit (no answer within interrupt_grace_s=2 s)" in log
+    assert "no receipt yet (the workers have not saved)" in log
