@@ -9,6 +9,8 @@ While it trains you can ask for a checkpoint yourself from another terminal:
 
     touch /tmp/ray_dyncheck_quickstart/quickstart/dyncheck.save
 
+and Ctrl+C saves the weights before it stops (exit status 130); press it twice to stop at once.
+
 Options:
     --config PATH         YAML with a `dynamic_checkpoint:` block (default: examples/config.yaml)
     --storage-path P      RunConfig.storage_path: a local path or a URI such as s3://bucket/prefix
@@ -111,7 +113,8 @@ def main() -> int:
         scaling_config=ScalingConfig(num_workers=args.num_workers),
         run_config=RunConfig(name=args.name, storage_path=args.storage_path),
     )
-    result = trainer.fit()
+    # Instead of trainer.fit(): Ctrl+C (or SIGTERM) now saves the weights, then stops cleanly.
+    result = rdc.fit(trainer)
     ray.shutdown()
     ckpt = result.checkpoint
     if ckpt is None:

@@ -137,6 +137,7 @@ class DynamicCheckpoint:
         self._steps_since_check = 0
         self._last_check_s = 0.0
         self._t_exit: float | None = None
+        self._announced = False
         self._uploads = 0
         self._uploads_cv = threading.Condition()
         self._poller: RequestPoller | None = None
@@ -232,6 +233,12 @@ class DynamicCheckpoint:
         if self.config.enabled and self._is_check_step(step):
             decision, requests = self._check(step, t_enter)
             self.last_decision = decision
+            self._announced = False
+        elif self._poller is not None and self._poller.has_pending() and not self._announced:
+            self._announced = True  # a fixed interval can be long: say when the request will be seen
+            left = (-step) % int(self.config.check_interval) if self._auto is None else self._next_check - step
+            logger.warning("dyncheck: a request is waiting; the next check is in %d step(s) (check_interval=%s)",
+                           left, self.config.check_interval)
         scheduled = self.config.save_steps is not None and step % self.config.save_steps == 0
         if (decision is not None and decision.save) or scheduled:
             if decision is not None and decision.save:

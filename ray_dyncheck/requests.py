@@ -373,6 +373,10 @@ class RequestPoller:
             out, self._pending = self._pending, []
         return out
 
+    def has_pending(self) -> bool:
+        """Whether a claimed request waits for the next check (no lock, no I/O: a hint)."""
+        return bool(self._pending)
+
     def complete(self, requests: Sequence[Request], receipt: dict[str, Any]) -> None:
         """Queue receipts + retirement for these requests; done on the poller thread."""
         if not requests:

@@ -27,7 +27,10 @@ def main() -> int:
     dc = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     steps = int(sys.argv[6]) if len(sys.argv) > 6 else 100_000
     ray.cloudpickle.register_pickle_by_value(ray_workloads)
-    ray.init(num_cpus=4, include_dashboard=False)
+    if os.environ.get("RAY_ADDRESS"):  # a job under `ray job submit`: join its cluster
+        ray.init()
+    else:
+        ray.init(num_cpus=4, include_dashboard=False)
     trainer = TorchTrainer(
         ray_workloads.train_fn,
         train_loop_config={"steps": steps, "step_time": 0.02, "dynamic_checkpoint": dc, "out": out,
