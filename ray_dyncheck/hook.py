@@ -234,9 +234,9 @@ class DynamicCheckpoint:
             decision, requests = self._check(step, t_enter)
             self.last_decision = decision
             self._announced = False
-        elif self._poller is not None and self._poller.has_pending() and not self._announced:
+        elif self._auto is None and self._poller is not None and self._poller.has_pending() and not self._announced:
             self._announced = True  # a fixed interval can be long: say when the request will be seen
-            left = (-step) % int(self.config.check_interval) if self._auto is None else self._next_check - step
+            left = (-step) % int(self.config.check_interval)
             logger.warning("dyncheck: a request is waiting; the next check is in %d step(s) (check_interval=%s)",
                            left, self.config.check_interval)
         scheduled = self.config.save_steps is not None and step % self.config.save_steps == 0
