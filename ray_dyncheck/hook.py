@@ -282,6 +282,9 @@ class DynamicCheckpoint:
             except Exception:  # never skip the collective below: log, and decide "no request"
                 logger.exception("dyncheck: rank 0 could not make a decision at step %d", step)
                 local = Decision(next_interval=self._interval)
+                if requests and self._poller is not None:
+                    self._poller.requeue(requests)  # not lost: decided on at the next check
+                requests = []
         agreed = self._agreement.agree(local)
         if self._auto is not None:
             if self.rank == 0 and self._logged_interval != agreed.next_interval and self._auto.step_s:

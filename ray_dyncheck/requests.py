@@ -123,6 +123,22 @@ def write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:
             f.write(blob)
 
 
+class ErrorLog:
+    """Logs each distinct storage error at most once a minute: a hung NFS or an S3 outage must not
+    flood the logs, and training goes on."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, every_s: float = 60.0) -> None:
+        self._clock, self._every_s = clock, every_s
+        self._last: dict[str, float] = {}
+
+    def log(self, what: str, where: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        if now - self._last.get(msg, -1e18) >= self._every_s:
+            self._last[msg] = now
+            logger.error("dyncheck: cannot %s in %s: %s (retrying; training goes on)", what, where, msg)
+
+
 class RequestChannel:
     """Reads, claims and retires requests in one run directory. Used from rank 0's poller thread.
 
@@ -153,7 +169,7 @@ class RequestChannel:
         # Versions of triggers that could not be moved away: acted on once, never again.
         self._acted: dict[str, tuple[Any, ...]] = {}
         self._warned: set[str] = set()
-        self._errors: dict[str, float] = {}
+        self._errors = ErrorLog()
         self._last_ok = True
 
     def path(self, sub: str, name: str = "") -> str:
@@ -193,12 +209,7 @@ class RequestChannel:
         try:
             out = fn()
         except Exception as exc:  # storage errors must never reach the training loop
-            msg = f"{type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if now - self._errors.get(msg, -1e9) >= 60:
-                self._errors[msg] = now
-                logger.error("dyncheck: cannot %s in %s: %s (retrying; training goes on)",
-                             what, self.run_dir, msg)
+            self._errors.log(what, self.run_dir, exc)
             return None
         self._last_ok = True
         return out
@@ -359,7 +370,7 @@ class RequestPoller:
         self._outbox: list[tuple[list[Request], dict[str, Any]]] = []
         self._busy = 0
         self._stopping = False
-        self._last_error: dict[str, float] = {}
+        self._errors = ErrorLog(clock)
         self.polls = 0
         self._thread = threading.Thread(target=self._run, name="dyncheck-poller", daemon=True)
 
@@ -372,6 +383,11 @@ class RequestPoller:
         with self._lock:
             out, self._pending = self._pending, []
         return out
+
+    def requeue(self, requests: Sequence[Request]) -> None:
+        """Put taken requests back, first in line (no I/O)."""
+        with self._lock:
+            self._pending[:0] = list(requests)
 
     def has_pending(self) -> bool:
         """Whether a claimed request waits for the next check (no lock, no I/O: a hint)."""
@@ -443,10 +459,5 @@ class RequestPoller:
         try:
             return fn(*args)
         except Exception as exc:  # storage errors must never reach the training loop
-            msg = f"{type(exc).__name__}: {exc}"
-            now = self._clock()
-            if now - self._last_error.get(msg, -1e9) >= 60:
-                self._last_error[msg] = now
-                logger.error("dyncheck: cannot %s in %s: %s (retrying every %.1f s; training goes on)",
-                             what, self.channel.run_dir, msg, self.interval_s)
+            self._errors.log(what, self.channel.run_dir, exc)
             return False

@@ -2,7 +2,8 @@
 
 A checkpoint directory written here holds::
 
-    model.safetensors     the model's weights (unwrapped from DDP / torch.compile; tied weights kept once)
+    model.safetensors     the model's weights (unwrapped from DDP / torch.compile; tied weights kept once);
+                          a Hugging Face model is saved with ``save_pretrained`` (config.json too)
     optimizer.pt          the optimizer's state_dict (``full`` checkpoints only)
     trainer_state.pt      step, LR scheduler, per-rank RNG states and user state
     dyncheck.json         the manifest, written last: format, kind, step, file sizes
@@ -96,6 +97,52 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
                            len(cuda), torch.cuda.device_count())
 
 
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (duck-typed: transformers stays optional)."""
+    return callable(getattr(module, "save_pretrained", None)) and hasattr(getattr(module, "config", None),
+                                                                           "to_json_string")
+
+
+def _save_weights(module: torch.nn.Module, directory: str, step: int) -> list[str]:
+    """Weights in safetensors; a HF model in its own ``save_pretrained`` layout (config.json,
+    possibly sharded), so ``from_pretrained(directory)`` loads it as is."""
+    if _is_hf_model(module):
+        before = set(os.listdir(directory))
+        module.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
+        return sorted(set(os.listdir(directory)) - before)
+    safetensors.torch.save_model(module, os.path.join(directory, MODEL_FILE),
+                                 metadata={"format": "pt", "step": str(step)})
+    return [MODEL_FILE]
+
+
+def _load_weights(module: torch.nn.Module, directory: str, files: Mapping[str, int], device: torch.device) -> None:
+    if MODEL_FILE in files and "config.json" not in files:
+        safetensors.torch.load_model(module, os.path.join(directory, MODEL_FILE), strict=True, device=str(device))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(files):
+        if name.endswith(".safetensors"):
+            state.update(safetensors.torch.load_file(os.path.join(directory, name), device=str(device)))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Tied weights are stored once: a missing name is fine only if it shares its tensor with a loaded one.
+    by_tensor: dict[int, set[str]] = {}
+    for pname, param in module.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), set()).add(pname)
+    untied = [k for k in missing if not any(other in state for other in by_tensor.get(
+        id(module.get_parameter(k)) if _has_param(module, k) else -1, set()))]
+    if unexpected or untied:
+        raise ValueError(f"checkpoint {directory} does not fit this model: missing {untied}, unexpected "
+                         f"{list(unexpected)}")
+
+
+def _has_param(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def capture_rank_state(extra_state: Mapping[str, Stateful] | None) -> dict[str, Any]:
     """This rank's small state: RNG states and the user's ``extra_state`` dicts."""
     extra = {name: obj.state_dict() for name, obj in (extra_state or {}).items()}
@@ -119,9 +166,7 @@ def write_checkpoint(
     """
     os.makedirs(directory, exist_ok=True)
     module = unwrap_model(model)
-    safetensors.torch.save_model(module, os.path.join(directory, MODEL_FILE),
-                                 metadata={"format": "pt", "step": str(step)})
-    files = [MODEL_FILE]
+    files = _save_weights(module, directory, step)
     if kind == "full" and optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
         files.append(OPTIMIZER_FILE)
@@ -190,8 +235,7 @@ def load_checkpoint(
         raise ValueError(f"{directory} is not a ray_dyncheck checkpoint (no {MANIFEST_FILE})")
     module = unwrap_model(model)
     device = next(iter(module.parameters()), torch.empty(0)).device
-    safetensors.torch.load_model(module, os.path.join(directory, MODEL_FILE), strict=True,
-                                 device=str(device))
+    _load_weights(module, directory, manifest["files"], device)
     state = torch.load(os.path.join(directory, TRAINER_FILE), weights_only=True)
     loaded_optimizer = False
     if optimizer is not None and OPTIMIZER_FILE in manifest["files"]:

@@ -130,3 +130,23 @@ def test_incomplete_checkpoint_is_detected(tmp_path):
 def test_unwrap_model():
     inner = torch.nn.Linear(1, 1)
     assert unwrap_model(torch.nn.DataParallel(torch.nn.DataParallel(inner))) is inner
+
+
+def test_hf_model_weights_in_save_pretrained_layout(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    write_checkpoint(str(tmp_path), model=model, optimizer=None, lr_scheduler=None, step=4, kind="weights",
+                     rank_states=[capture_rank_state(None)])
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    torch.manual_seed(1)
+    fresh = transformers.LlamaForCausalLM(cfg)
+    info = load_checkpoint(str(tmp_path), model=fresh, optimizer=None, lr_scheduler=None, extra_state=None, rank=0)
+    assert info.step == 4
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
