@@ -259,6 +259,8 @@ class RequestChannel:
             except OSError as exc:
                 reason = f"it cannot be moved ({exc})"
         elif info.type == pafs.FileType.File:
+            # On another filesystem it cannot be moved into claimed/: claim this version by identity.
+            self._acted[path] = identity
             return Request(id=rid, source="trigger", path=None, identity=identity)
         else:
             reason = "it is a directory, not a file"
@@ -326,7 +328,7 @@ class RequestChannel:
             elif req.source == "trigger" and req.identity:
                 # Not moved at claim time: remove it only if it is still the version we acted on.
                 info = self.trigger_fs.get_file_info(self.trigger)
-                if (info.type, info.mtime, info.size) == req.identity:
+                if info.type == pafs.FileType.File and (info.type, info.mtime, info.size) == req.identity:
                     self._retire_or_remember(self.trigger_fs, self.trigger, req.identity)
 
     def write_receipt(self, receipt: dict[str, Any]) -> None:

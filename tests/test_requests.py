@@ -192,3 +192,21 @@ def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
     finally:
         poller.close(timeout=5)
     assert not poller._thread.is_alive()
+
+
+def test_trigger_on_another_filesystem_is_claimed_by_identity(tmp_path, run):
+    # The run on a filesystem that is not this machine's local one (as S3 would be); the trigger an
+    # absolute local path: it cannot be moved into claimed/, so this version is claimed by identity.
+    run_fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    outside = tmp_path / "local" / "go.save"
+    outside.parent.mkdir()
+    ch = RequestChannel(run_fs, "run", str(outside))
+    outside.touch()
+    [req] = ch.poll()
+    assert req.path is None and outside.exists()
+    assert ch.poll() == [] and ch.poll() == [], "the same version is not a new request"
+    ch.retire([req], {"status": "ok"})
+    assert not outside.exists()
+    assert receipts(run)[req.id]["status"] == "ok"
+    outside.touch()
+    assert len(ch.poll()) == 1
