@@ -5,6 +5,7 @@ resumable checkpoint at the next check, reported as a ``ray.train.Checkpoint``; 
 """
 
 from .agree import Decision
+from .client import RunNotFoundError, request_save, run_status
 from .config import DynamicCheckpointConfig, load_config
 from .driver import fit
 from .hook import Backend, DynamicCheckpoint, LocalBackend
@@ -19,9 +20,12 @@ __all__ = [
     "DynamicCheckpointConfig",
     "LocalBackend",
     "Request",
+    "RunNotFoundError",
     "Stateful",
     "fit",
     "load_config",
+    "request_save",
+    "run_status",
 ]
 
 __version__ = "0.1.0"

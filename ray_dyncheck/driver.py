@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import pyarrow.fs as pafs
 
+from .client import read_json
 from .config import DynamicCheckpointConfig, load_config
 from .requests import RECEIPTS, REQUESTS, new_id, write_json
 
@@ -179,13 +180,7 @@ def _outcome(box: dict[str, Any]) -> Any:
 
 
 def _read_receipt(fs: pafs.FileSystem, run_dir: str, rid: str) -> dict[str, Any] | None:
-    import json
-
-    try:
-        with fs.open_input_stream(posixpath.join(run_dir, RECEIPTS, f"{rid}.json")) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(fs, posixpath.join(run_dir, RECEIPTS, f"{rid}.json"))
 
 
 def _where(receipt: dict[str, Any] | None, box: dict[str, Any]) -> str:

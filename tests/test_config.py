@@ -23,7 +23,8 @@ micro_batch_size: 2
 def test_public_names():
     assert sorted(ray_dyncheck.__all__) == [
         "Backend", "CheckpointInfo", "Decision", "DynamicCheckpoint", "DynamicCheckpointConfig",
-        "LocalBackend", "Request", "Stateful", "fit", "load_config",
+        "LocalBackend", "Request", "RunNotFoundError", "Stateful", "fit", "load_config", "request_save",
+        "run_status",
     ]
 
 

@@ -1,0 +1,125 @@
+"""The `ray-dyncheck` CLI and `request_save`, as real processes against a run with a live hook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import ray_dyncheck as rdc
+
+CLI = os.path.join(os.path.dirname(sys.executable), "ray-dyncheck")
+
+
+class Trainer:
+    """A live hook (world size 1, LocalBackend) stepping in a thread, as a job's rank 0 would."""
+
+    def __init__(self, run_dir, **cfg):
+        self.model = torch.nn.Linear(4, 1)
+        self.dc = rdc.DynamicCheckpoint({"check_interval": 2, "poll_interval_s": 0.05, **cfg}, model=self.model,
+                                        optimizer=torch.optim.SGD(self.model.parameters(), lr=0.1),
+                                        backend=rdc.LocalBackend(str(run_dir)))
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.is_set() and not self.dc.should_stop:
+            time.sleep(0.01)
+            self.dc.step()
+        self.dc.close()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(30)
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def live(tmp_path):
+    trainer = Trainer(tmp_path / "run")
+    yield tmp_path / "run", trainer
+    trainer.stop()
+
+
+def test_save_wait_prints_the_checkpoint_path(live):
+    run, trainer = live
+    out = cli("save", run, "--wait", "--timeout", 60)
+    assert out.returncode == 0, out.stderr
+    path = out.stdout.strip().splitlines()[-1]
+    assert os.path.isdir(path) and os.path.basename(path).startswith("checkpoint_")
+    assert os.path.isfile(os.path.join(path, "optimizer.pt"))
+    assert "full checkpoint at step" in out.stdout
+
+
+def test_status_table_and_json(live):
+    run, trainer = live
+    assert cli("save", run, "--weights-only", "--wait", "--timeout", 60).returncode == 0
+    table = cli("status", run)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"run {run}: 1 checkpoint(s)"
+    assert lines[1].split() == ["DIR", "KIND", "STEP", "REASON", "TIME", "SIZE"]
+    assert lines[2].split()[1:4][0] == "weights" and lines[2].split()[3] == "request"
+    assert lines[-1] == "pending requests: none"
+    data = json.loads(cli("status", run, "--json").stdout)
+    [ckpt] = data["checkpoints"]
+    assert (ckpt["kind"], ckpt["reason"]) == ("weights", "request") and ckpt["size"] > 0
+    assert [r["status"] for r in data["receipts"]] == ["ok"]
+
+
+def test_two_requests_at_one_check_share_a_checkpoint_with_two_receipts(tmp_path):
+    run = tmp_path / "run"
+    model = torch.nn.Linear(4, 1)
+    dc = rdc.DynamicCheckpoint({"check_interval": 5, "poll_interval_s": 0.05}, model=model,
+                               backend=rdc.LocalBackend(str(run)))
+    a = rdc.request_save(str(run))
+    b = rdc.request_save(str(run), kind="weights")
+    assert a["status"] == b["status"] == "pending"
+    deadline = time.time() + 10
+    while len(dc._poller._pending) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    for _ in range(5):
+        dc.step()
+    dc.close()
+    [save] = dc.saves
+    assert (save["step"], save["kind"], sorted(save["requests"])) == (5, "full", sorted([a["id"], b["id"]]))
+    receipts = [json.loads((run / ".dyncheck" / "receipts" / f"{r['id']}.json").read_text()) for r in (a, b)]
+    assert [r["status"] for r in receipts] == ["ok", "ok"]
+    assert receipts[0]["checkpoint"] == receipts[1]["checkpoint"] == save["path"]
+    assert [r["requested_kind"] for r in receipts] == ["full", "weights"]
+
+
+def test_stop_asks_for_weights_and_a_stop(live):
+    run, trainer = live
+    out = cli("stop", run, "--wait", "--timeout", 60)
+    assert out.returncode == 0, out.stderr
+    trainer.thread.join(30)
+    assert trainer.dc.should_stop
+    [save] = trainer.dc.saves
+    assert (save["kind"], save["reason"]) == ("weights", "request")
+
+
+def test_bad_run_and_timeout(tmp_path):
+    out = cli("save", tmp_path / "nope")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"ray-dyncheck: no run directory at {tmp_path / 'nope'}: expected "
+                                  "<storage_path>/<name>/ of a Ray Train run")
+    (tmp_path / "plain").mkdir()
+    out = cli("status", tmp_path / "plain")
+    assert out.returncode == 2 and "is not a Ray Train run directory (no .validate_storage_marker)" in out.stderr
+    out = cli("save", "s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+    assert out.returncode == 2 and out.stderr.startswith("ray-dyncheck: cannot reach s3://bucket/run")
+    assert len(out.stderr.strip().splitlines()) == 1
+    rdc.LocalBackend(str(tmp_path / "idle"))  # a run with no job watching it
+    out = cli("save", tmp_path / "idle", "--wait", "--timeout", 1)
+    assert out.returncode == 2 and "no receipt for request req-" in out.stderr
