@@ -1,0 +1,124 @@
+"""Object storage: a real S3-compatible server (moto) on loopback holds the run; a TorchTrainer run
+stores its checkpoints there and the CLI asks it for a checkpoint and a stop through the bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from ray_workloads import train_fn
+
+pytestmark = pytest.mark.ray
+
+CLI = os.path.join(os.path.dirname(sys.executable), "ray-dyncheck")
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1 (a free port), with one bucket; stopped by pid afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = dict(os.environ)
+    os.environ.update(AWS_ENV)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "moto server did not start"
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("bucket")
+        yield f"s3://bucket/ray_results?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", port
+    finally:
+        server.terminate()
+        server.wait(30)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3):
+    import ray
+    import ray.cloudpickle
+
+    import ray_workloads
+
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
+    ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # workers inherit the AWS settings
+    try:
+        yield s3
+    finally:
+        ray.shutdown()
+
+
+def cli(*args, timeout=180):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **AWS_ENV))
+
+
+def test_run_on_s3_answers_the_cli(ray_s3, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage, port = ray_s3
+    base, query = storage.split("?")
+    run_uri = f"{base}/s3run?{query}"
+    ready = tmp_path / "ready"
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"steps": 1_000_000, "step_time": 0.02, "out": str(tmp_path / "out"),
+                           "dynamic_checkpoint": {"poll_interval_s": 0.2},
+                           "actions": {"3": [f"ready:{ready}"]}},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="s3run", storage_path=storage),
+    )
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    thread.start()
+    deadline = time.time() + 180
+    while not ready.exists():
+        assert thread.is_alive() and time.time() < deadline, box
+        time.sleep(0.2)
+
+    t0 = time.time()
+    out = cli("save", run_uri, "--wait", "--timeout", 120)
+    latency = time.time() - t0
+    assert out.returncode == 0, out.stdout + out.stderr
+    uri = out.stdout.strip().splitlines()[-1]
+    assert uri.startswith("s3://bucket/ray_results/s3run/checkpoint_"), uri
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+    path = uri[len("s3://"):]
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt", "dyncheck.json", ".metadata.json"} <= names
+
+    status = cli("status", run_uri)
+    assert status.returncode == 0, status.stderr
+    assert "1 checkpoint(s)" in status.stdout and "request" in status.stdout
+    print(f"\nray-dyncheck save --wait on S3: {latency:.1f} s\n{status.stdout}")
+
+    out = cli("stop", run_uri, "--wait", "--timeout", 120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    thread.join(120)
+    assert not thread.is_alive()
+    meta = box["result"].checkpoint.get_metadata()
+    assert (meta["kind"], meta["reason"]) == ("weights", "request")
+    data = json.loads(cli("status", run_uri, "--json").stdout)
+    assert [c["kind"] for c in data["checkpoints"]] == ["full", "weights"]
+    assert data["pending"] == []
