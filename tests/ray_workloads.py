@@ -51,6 +51,9 @@ def train_fn(config: dict) -> None:
             sched.step()
             time.sleep(config.get("step_time", 0.0))
             decision = dc.step(metrics={"loss": loss.detach()})
+            if rank == 0 and config.get("progress") and dc.global_step % 10 == 0:
+                with open(config["progress"], "a") as f:  # live progress for tests that watch
+                    f.write(f"{dc.global_step} {time.time()}\n")
             if decision is not None:
                 checks.append([dc.global_step, decision.save, decision.kind, decision.stop])
             if dc.should_stop:

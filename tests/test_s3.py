@@ -90,7 +90,14 @@ def test_run_on_s3_answers_the_cli(ray_s3, tmp_path):
         run_config=RunConfig(name="s3run", storage_path=storage),
     )
     box = {}
-    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+
+    def run():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # shown by the asserts below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.time() + 180
     while not ready.exists():
@@ -122,3 +129,90 @@ def test_run_on_s3_answers_the_cli(ray_s3, tmp_path):
     data = json.loads(cli("status", run_uri, "--json").stdout)
     assert [c["kind"] for c in data["checkpoints"]] == ["full", "weights"]
     assert data["pending"] == []
+
+
+def test_slow_or_unreachable_request_path_never_stalls_training(ray_s3, tmp_path):
+    """The trigger lives behind a proxy (the request path); Ray's own storage does not: latency and an
+    outage hit only what rank 0's poller reads."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_dyncheck.client import list_checkpoints
+    from tcp_proxy import Proxy
+
+    storage, port = ray_s3
+    proxy = Proxy(port)
+    query = "scheme=http&region=us-east-1"
+    trigger_uri = f"s3://bucket/triggers/go.save?endpoint_override=127.0.0.1:{proxy.port}&{query}"
+    direct = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+    progress, ready = tmp_path / "progress", tmp_path / "ready"
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"steps": 1_000_000, "step_time": 0.02, "out": str(tmp_path / "out"),
+                           "progress": str(progress), "actions": {"3": [f"ready:{ready}"]},
+                           "dynamic_checkpoint": {"poll_interval_s": 0.2, "trigger_file_path": trigger_uri}},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="slow", storage_path=storage),
+    )
+    box = {}
+
+    def run():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # shown by the asserts below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 180
+    while not ready.exists():
+        assert thread.is_alive() and time.time() < deadline, box
+        time.sleep(0.2)
+
+    def step_now():
+        lines = progress.read_text().split() if progress.exists() else []
+        return int(lines[-2]) if lines else 0
+
+    def touch():
+        with direct.open_output_stream("bucket/triggers/go.save"):
+            pass
+
+    def wait_checkpoints(n, timeout=120):
+        end = time.time() + timeout
+        # Counted once Ray's metadata is there (a directory still uploading has none yet).
+        while len(ckpts := [c for c in list_checkpoints(direct, "bucket/ray_results/slow") if c["step"]]) < n:
+            assert time.time() < end, ckpts
+            time.sleep(0.2)
+        return ckpts
+
+    rates = {}
+    s0, t0 = step_now(), time.time()
+    time.sleep(4)
+    rates["no delay"] = (step_now() - s0) / (time.time() - t0)
+
+    proxy.delay_s = 0.3  # every chunk on the request path waits 300 ms
+    s0, t0 = step_now(), time.time()
+    touch()
+    [first] = wait_checkpoints(1)
+    time.sleep(max(0.0, 4 - (time.time() - t0)))
+    rates["300 ms per chunk"] = (step_now() - s0) / (time.time() - t0)
+    assert first["reason"] == "trigger" and first["step"] > s0
+    proxy.delay_s = 0.0
+
+    proxy.cut()  # outage on the request path
+    touch()
+    s0, t0 = step_now(), time.time()
+    time.sleep(5)
+    s1 = step_now()
+    rates["outage"] = (s1 - s0) / (time.time() - t0)
+    assert len(list_checkpoints(direct, "bucket/ray_results/slow")) == 1, "nothing can be read: no save yet"
+    assert s1 - s0 >= 20, "training went on during the outage"
+
+    proxy.down = False  # recovery: the trigger touched during the outage is honoured now
+    second = wait_checkpoints(2)[-1]
+    assert second["reason"] == "trigger" and second["step"] > s1
+    out = cli("stop", f"{storage.split('?')[0]}/slow?{storage.split('?')[1]}", "--wait", "--timeout", 120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    thread.join(120)
+    proxy.close()
+    print("\nsteps/s on 2 CPU workers: " + ", ".join(f"{k}: {v:.1f}" for k, v in rates.items()))
