@@ -57,9 +57,9 @@ def test_trigger_request_stale_and_directory(ray_local, tmp_path):
 
     dc = {"check_interval": 5, "poll_interval_s": 0.1}
     actions = {
-        "10": ["touch", "sleep:0.5"],
-        "30": ['request:{"id": "req-1"}', "sleep:0.5"],
-        "50": ["mkdir_trigger", "sleep:0.5"],  # cannot be removed: acted on once, no save storm
+        "10": ["touch", "sleep:1.0"],
+        "30": ['request:{"id": "req-1"}', "sleep:1.0"],
+        "50": ["mkdir_trigger", "sleep:1.0"],  # cannot be removed: acted on once, no save storm
     }
     result, records = fit(storage, name, tmp_path / "out", steps=90, dc=dc, actions=actions)
 
@@ -92,7 +92,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(ray_local, tmp_path):
     _, straight = fit(storage, "straight", tmp_path / "a", steps=40, dc=dc, step_time=0.0)
     assert straight[0]["final_step"] == 40
 
-    stop = {"12": ['request:{"id": "pause", "stop": true}', "sleep:0.5"]}
+    stop = {"12": ['request:{"id": "pause", "stop": true}', "sleep:1.0"]}
     result, first = fit(storage, "resumed", tmp_path / "b1", steps=40, dc=dc, actions=stop, step_time=0.0)
     assert first[0]["final_step"] == first[1]["final_step"] == 15
     assert result.checkpoint.get_metadata()["step"] == 15

@@ -73,6 +73,25 @@ def cli(*args, timeout=180):
                           env=dict(os.environ, **AWS_ENV))
 
 
+def fit_in_background(trainer, ready):
+    """Start ``trainer.fit()`` in a thread; return once rank 0 has written ``ready`` (training runs)."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # shown by the asserts below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 180
+    while not ready.exists():
+        assert thread.is_alive() and time.time() < deadline, box
+        time.sleep(0.2)
+    return thread, box
+
+
 def test_run_on_s3_answers_the_cli(ray_s3, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -89,20 +108,7 @@ def test_run_on_s3_answers_the_cli(ray_s3, tmp_path):
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="s3run", storage_path=storage),
     )
-    box = {}
-
-    def run():
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:  # shown by the asserts below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.time() + 180
-    while not ready.exists():
-        assert thread.is_alive() and time.time() < deadline, box
-        time.sleep(0.2)
+    thread, box = fit_in_background(trainer, ready)
 
     t0 = time.time()
     out = cli("save", run_uri, "--wait", "--timeout", 120)
@@ -154,20 +160,7 @@ def test_slow_or_unreachable_request_path_never_stalls_training(ray_s3, tmp_path
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="slow", storage_path=storage),
     )
-    box = {}
-
-    def run():
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:  # shown by the asserts below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.time() + 180
-    while not ready.exists():
-        assert thread.is_alive() and time.time() < deadline, box
-        time.sleep(0.2)
+    thread, box = fit_in_background(trainer, ready)
 
     def step_now():
         lines = progress.read_text().split() if progress.exists() else []
