@@ -76,11 +76,9 @@ class Agreement:
                 # Connect now: the first collective on a group is far slower than the rest, and
                 # would mislead the first interval chosen by `auto`.
                 dist.all_reduce(torch.zeros(5, dtype=torch.int64), group=self.group)
-        self.calls = 0
 
     def agree(self, local: Decision) -> Decision:
         """Every rank calls this at the same step. Rank 0's ``local`` is the decision."""
-        self.calls += 1
         if self.group is None:
             return local
         values = local.encode() if self.rank == 0 else [0, 0, int(local.stop), 0, 0]

@@ -125,7 +125,6 @@ class DynamicCheckpoint:
         self.rank, self.world_size = backend.rank, backend.world_size
         self.global_step = 0
         self.should_stop = False
-        self.last_decision: Decision | None = None
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         self._agreement = Agreement()  # collective: every rank constructs it here
@@ -232,7 +231,6 @@ class DynamicCheckpoint:
         requests: list[Request] = []
         if self.config.enabled and self._is_check_step(step):
             decision, requests = self._check(step, t_enter)
-            self.last_decision = decision
             self._announced = False
         elif self._auto is None and self._poller is not None and self._poller.has_pending() and not self._announced:
             self._announced = True  # a fixed interval can be long: say when the request will be seen
