@@ -112,9 +112,7 @@ class DynamicCheckpointConfig:
 
     def _validate_trigger_path(self) -> None:
         path = self.trigger_file_path
-        if not isinstance(path, str):
-            raise _error("trigger_file_path", path, "set it to a file name such as 'dyncheck.save'")
-        if not path.strip():
+        if not isinstance(path, str) or not path.strip():
             raise _error("trigger_file_path", path, "set it to a file name such as 'dyncheck.save'")
         if "://" in path or os.path.isabs(path):
             return

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
@@ -48,13 +49,6 @@ class _Signals:
         self.event.set()
 
 
-def _signal_numbers(names: Sequence[str | int]) -> list[int]:
-    out = []
-    for name in names:
-        out.append(int(name) if isinstance(name, int) else int(getattr(signal, str(name))))
-    return out
-
-
 def fit(
     trainer: Any,
     *,
@@ -76,12 +70,12 @@ def fit(
 
     Called from another thread it cannot own signals: it says so and runs ``trainer.fit()``.
     """
-    cfg = _config_of(trainer)
-    kind = on_interrupt or cfg.on_interrupt
-    grace = interrupt_grace_s if interrupt_grace_s is not None else cfg.interrupt_grace_s
-    nums = _signal_numbers(signals if signals is not None else cfg.signals)
-    if kind not in ("weights", "full", "none"):
-        raise ValueError(f"on_interrupt must be 'weights', 'full' or 'none', got {kind!r}")
+    # Arguments override the block; replace() validates them exactly as the config does.
+    overrides: dict[str, Any] = {"on_interrupt": on_interrupt, "interrupt_grace_s": interrupt_grace_s,
+                                 "signals": signals}
+    cfg = dataclasses.replace(_config_of(trainer), **{k: v for k, v in overrides.items() if v is not None})
+    kind, grace = cfg.on_interrupt, cfg.interrupt_grace_s
+    nums = [int(getattr(signal, name)) for name in cfg.signals]
     if threading.current_thread() is not threading.main_thread():
         logger.warning("dyncheck: rdc.fit() called outside the main thread: it cannot own signals, so "
                        "Ctrl+C keeps Ray's default (no save). Call it from the main thread.")

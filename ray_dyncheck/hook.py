@@ -405,7 +405,7 @@ def _decide(requests: Sequence[Request], interval: int) -> Decision:
     kinds = {r.kind for r in requests}
     kind = "full" if "full" in kinds else "weights" if "weights" in kinds else None
     sources = {r.source for r in requests}
-    reason = next(s for s in ("interrupt", "trigger", "request") if s in sources or s == "request")
+    reason = "interrupt" if "interrupt" in sources else "trigger" if "trigger" in sources else "request"
     return Decision(save=kind is not None, kind=kind, stop=any(r.stop for r in requests),
                     next_interval=interval, reason=reason)
 
