@@ -64,7 +64,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     if rank == 0:
         auto = hooks["auto"]
         result = {v: statistics.median(t) for v, t in times.items()}
-        result["auto_interval"] = auto._interval if auto is not None else None
+        result["auto_interval"] = auto._core.interval if auto is not None else None
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
     for hook in hooks.values():

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
 
-from .hook import OnDone
+from ._core import OnDone
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,11 @@ class RayBackend:
     Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` so training is blocked only for
     the local write; the upload goes through our ``checkpoint_upload_fn``, which tells the hook when
     the files are in the run's storage (so receipts are written only then). Ray waits for pending
-    uploads when the training function returns.
+    uploads when the training function returns. Every rank's directory is copied into the same
+    checkpoint directory (Ray syncs rank 0's name to all ranks); only rank 0's carries the metadata.
     """
+
+    merges_rank_dirs = True
 
     def __init__(self) -> None:
         self.context = ray.train.get_context()
@@ -42,7 +45,8 @@ class RayBackend:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         checkpoint = Checkpoint.from_directory(directory)
-        checkpoint.set_metadata(metadata)
+        if self.rank == 0:  # one writer of .metadata.json; the other ranks' copies would differ in time
+            checkpoint.set_metadata(metadata)
         storage = self.context.get_storage()
 
         def upload(ckpt: Checkpoint, dir_name: str) -> Checkpoint:

@@ -38,9 +38,9 @@ def make(tmp_path, cfg, counter=None):
 
 def wait_claimed(dc, timeout=10.0):
     deadline = time.time() + timeout
-    while time.time() < deadline and not dc._poller._pending:
+    while time.time() < deadline and not dc._core.poller._pending:
         time.sleep(0.02)
-    assert dc._poller._pending, "the poller did not claim the trigger"
+    assert dc._core.poller._pending, "the poller did not claim the trigger"
 
 
 def ckpt_dirs(tmp_path):
