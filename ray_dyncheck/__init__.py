@@ -12,6 +12,20 @@ from .hook import Backend, DynamicCheckpoint, LocalBackend
 from .requests import Request
 from .state import CheckpointInfo, Stateful
 
+# Loaded on first use and left out of __all__, so `import ray_dyncheck` (even `import *`) works
+# without the transformers extra.
+_HF = ("DynamicCheckpointCallback", "hf_resume_path")
+
+
+def __getattr__(name: str) -> object:
+    # The Hugging Face adapter imports transformers: only when asked for, so it stays an extra.
+    if name in _HF:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'ray_dyncheck' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "CheckpointInfo",

@@ -81,11 +81,12 @@ class WorkerCore:
     schedule, says so) writes its files and calls :meth:`report`, then :meth:`finish`.
     """
 
-    def __init__(self, config: DynamicCheckpointConfig, backend: Backend) -> None:
+    def __init__(self, config: DynamicCheckpointConfig, backend: Backend,
+                 saves: list[dict[str, Any]] | None = None) -> None:
         self.config = config
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
-        self.saves: list[dict[str, Any]] = []
+        self.saves: list[dict[str, Any]] = saves if saves is not None else []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         self.agreement = Agreement()  # collective: every rank constructs it here
         self._auto = AutoInterval(config.max_check_overhead) if config.auto_interval else None

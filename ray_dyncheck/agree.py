@@ -86,6 +86,14 @@ class Agreement:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return Decision.decode(t.tolist())
 
+    def any_rank(self, flag: bool) -> bool:
+        """``True`` on every rank when ``flag`` is set on any rank (one small collective)."""
+        if self.group is None:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def gather(self, obj: object) -> list[object] | None:
         """Collect one small picklable object per rank on rank 0 (only when saving)."""
         if self.group is None:

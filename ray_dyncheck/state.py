@@ -233,6 +233,9 @@ def load_checkpoint(
     manifest = read_manifest(directory)
     if manifest is None:
         raise ValueError(f"{directory} is not a ray_dyncheck checkpoint (no {MANIFEST_FILE})")
+    if manifest.get("layout") == "transformers":
+        raise ValueError(f"{directory} was written by DynamicCheckpointCallback (a Hugging Face Trainer "
+                         "checkpoint): resume it with trainer.train(resume_from_checkpoint=rdc.hf_resume_path())")
     module = unwrap_model(model)
     device = next(iter(module.parameters()), torch.empty(0)).device
     _load_weights(module, directory, manifest["files"], device)

@@ -26,12 +26,14 @@ def ray_local():
     import ray
     import ray.cloudpickle
 
+    import hf_workloads
     import ray_workloads
 
     saved = dict(os.environ)
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.cloudpickle.register_pickle_by_value(hf_workloads)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     try:
         yield ray

@@ -1,0 +1,99 @@
+"""The HF callback without Ray (one process, LocalBackend), and the optional-extra import rules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ray_dyncheck as rdc
+from hf_workloads import Sequences, act, tiny_llama
+
+
+def test_import_without_transformers_works_and_the_callback_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if not installed\n"
+        "import ray_dyncheck as rdc\n"
+        "from ray_dyncheck import *\n"
+        "assert rdc.DynamicCheckpoint\n"
+        "try:\n"
+        "    rdc.DynamicCheckpointCallback\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("DynamicCheckpointCallback needs the Hugging Face extra: "
+                                 "pip install 'ray_dyncheck[transformers]' (transformers and accelerate)")
+
+
+def hf_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, save_strategy="no",
+                             report_to="none", use_cpu=True, disable_tqdm=True, **kw)
+
+
+def test_trigger_saves_one_hf_checkpoint_without_ray(tmp_path, caplog):
+    from transformers import Trainer, TrainerCallback
+
+    run_dir = tmp_path / "run"
+    backend = rdc.LocalBackend(str(run_dir))
+    time.sleep(0.05)  # the trigger must be newer than the run-start marker
+
+    class TouchAtStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                act(str(run_dir), "touch")  # returns once the poller claimed it
+
+    args = hf_args(tmp_path, max_steps=6)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05, "save_steps": 3},
+                                             backend=backend)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, TouchAtStep1()])
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        trainer.train()
+    assert any("dynamic_checkpoint.save_steps=3 is ignored with the HF callback" in r.getMessage()
+               for r in caplog.records)
+
+    saved = sorted(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert [p.name.split("_")[1] for p in saved] == ["00000002"], "one save, at the first check after the touch"
+    meta = json.loads((saved[0] / ".metadata.json").read_text())
+    assert (meta["kind"], meta["reason"], meta["step"]) == ("full", "trigger", 2)
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+            "dyncheck.json"} <= set(os.listdir(saved[0]))
+    receipt = json.loads((run_dir / ".dyncheck" / "receipts" / f"{meta['request_id']}.json").read_text())
+    assert (receipt["status"], receipt["checkpoint"]) == ("ok", str(saved[0]))
+    assert callback.saves[0]["path"] == str(saved[0])
+    assert list((tmp_path / "hf" / ".dyncheck-staging").iterdir()) == []
+
+
+def test_warns_when_rays_report_callback_is_installed_too(tmp_path, caplog):
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import Trainer
+
+    callback = rdc.DynamicCheckpointCallback({"enabled": False}, backend=rdc.LocalBackend(str(tmp_path / "run")))
+    trainer = Trainer(model=tiny_llama(), args=hf_args(tmp_path, max_steps=1), train_dataset=Sequences(),
+                      callbacks=[callback, RayTrainReportCallback()])
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        trainer.train()  # nothing is saved, so Ray's callback never reports (it needs a Ray worker)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dyncheck: both DynamicCheckpointCallback and Ray's RayTrainReportCallback are installed: every save "
+        "is reported twice. DynamicCheckpointCallback replaces it; remove RayTrainReportCallback"]
+
+
+def test_torch_hook_refuses_an_hf_checkpoint_with_the_fix(tmp_path):
+    from ray_dyncheck.state import load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "dyncheck.json").write_text(json.dumps({"format_version": 1, "kind": "full", "step": 4,
+                                                    "layout": "transformers", "files": {}}))
+    with pytest.raises(ValueError, match=r"written by DynamicCheckpointCallback .* resume it with "
+                                         r"trainer.train\(resume_from_checkpoint=rdc.hf_resume_path\(\)\)"):
+        load_checkpoint(str(ckpt), model=tiny_llama(), optimizer=None, lr_scheduler=None, extra_state=None, rank=0)
