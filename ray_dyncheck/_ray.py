@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from typing import Any, ContextManager
 
@@ -55,12 +56,15 @@ class RayBackend:
             except BaseException as exc:
                 on_done(None, exc)
                 raise
+            # Deleted here, not by Ray after we return: once on_done has run, close() may return and
+            # the user may remove the folder the staged files sit in (a temporary output_dir).
+            shutil.rmtree(directory, ignore_errors=True)
             on_done(persisted.path, None)
             return persisted
 
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         checkpoint_upload_fn=upload)
+                         delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=upload)
 
     def checkpoints(self) -> Iterator[ContextManager[str]]:
         latest = ray.train.get_checkpoint()

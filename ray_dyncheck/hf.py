@@ -205,8 +205,8 @@ class DynamicCheckpointCallback(TrainerCallback):
             self._only_model_before = None
 
     def _stage(self, source: str, output_dir: str, step: int, kind: str, lr_scheduler: Any) -> str | None:
-        """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory that Ray
-        owns and deletes after the upload. ``None`` when this rank has nothing to add."""
+        """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory of its own
+        that the backend deletes once it is stored. ``None`` when this rank has nothing to add."""
         core = self._core
         assert core is not None
         rank, merged = core.rank, core.backend.merges_rank_dirs
@@ -332,6 +332,7 @@ def hf_resume_path(download_dir: str | None = None) -> str | None:
         step = manifest["step"] if manifest else None
         _resumed.clear()
         _resumed.update(path=local, kind=kind, step=step)
-        logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", kind, ckpt.path, step)
+        if ray.train.get_context().get_world_rank() == 0:
+            logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", kind, ckpt.path, step)
         return local
     return None
