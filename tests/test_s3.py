@@ -57,10 +57,12 @@ def ray_s3(s3):
     import ray
     import ray.cloudpickle
 
+    import hf_workloads
     import ray_workloads
 
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
     ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.cloudpickle.register_pickle_by_value(hf_workloads)
     ray.init(address="local", num_cpus=4, include_dashboard=False)  # workers inherit the AWS settings
     try:
         yield s3
@@ -209,3 +211,44 @@ def test_slow_or_unreachable_request_path_never_stalls_training(ray_s3, tmp_path
     thread.join(120)
     proxy.close()
     print("\nsteps/s on 2 CPU workers: " + ", ".join(f"{k}: {v:.1f}" for k, v in rates.items()))
+
+
+def test_hf_trainer_on_s3_stops_then_resumes_from_the_bucket(ray_s3, tmp_path):
+    """Every rank's share of HF's checkpoint lands in one S3 checkpoint; hf_resume_path downloads it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import hf_workloads
+
+    storage, port = ray_s3
+    base, query = storage.split("?")
+    ready = tmp_path / "ready"
+
+    def trainer(out, steps, **extra):
+        return TorchTrainer(
+            hf_workloads.train_fn,
+            train_loop_config={"steps": steps, "out": str(out), "save_strategy": "no",
+                               "dynamic_checkpoint": {"check_interval": 5, "poll_interval_s": 0.2}, **extra},
+            scaling_config=ScalingConfig(num_workers=2),
+            run_config=RunConfig(name="hfrun", storage_path=storage),
+        )
+
+    thread, box = fit_in_background(trainer(tmp_path / "a", 100_000, step_time=0.05,
+                                            actions={"3": [f"ready:{ready}"]}), ready)
+    out = cli("stop", f"{base}/hfrun?{query}", "--full", "--wait", "--timeout", 120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    thread.join(120)
+    assert not thread.is_alive() and "error" not in box, box
+    meta = box["result"].checkpoint.get_metadata()
+    assert (meta["kind"], meta["reason"]) == ("full", "request")
+    step = meta["step"]
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+    path = out.stdout.strip().splitlines()[-1][len("s3://"):]
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+            "trainer_state.json", "dyncheck.json", ".metadata.json"} <= names
+
+    trainer(tmp_path / "b", step + 5).fit()
+    records = [json.load(open(tmp_path / "b" / f"rank{r}.json")) for r in range(2)]
+    assert [r["begin_step"] for r in records] == [step, step], "resumed from the checkpoint in the bucket"
+    assert records[0]["final_step"] == step + 5
