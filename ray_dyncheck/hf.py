@@ -98,6 +98,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._core: WorkerCore | None = None
         self._pending: _Pending | None = None
         self._only_model_before: bool | None = None
+        self._saved_step: int | None = None
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
 
@@ -144,6 +145,13 @@ class DynamicCheckpointCallback(TrainerCallback):
         if core.finish(decision, requests, step, saved=saving):
             control.should_training_stop = True
 
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if control.should_save and self._saved_step == state.global_step and self._pending is None:
+            # save_strategy="epoch" asks for the step we just saved: one save per step. A second one
+            # would also rewrite checkpoint-N in place while its upload may still read it.
+            control.should_save = False
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         core = self._core
@@ -178,6 +186,7 @@ class DynamicCheckpointCallback(TrainerCallback):
             metrics.update({k: v for k, v in log.items() if isinstance(v, (int, float))})
         core.report(step=step, kind=kind, reason=reason, requests=requests, directory=directory,
                     error=error, metrics=metrics, t0=t0)
+        self._saved_step = step
         core.end_step()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

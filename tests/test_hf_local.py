@@ -36,8 +36,9 @@ def test_import_without_transformers_works_and_the_callback_names_the_extra():
 def hf_args(tmp_path, **kw):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, save_strategy="no",
-                             report_to="none", use_cpu=True, disable_tqdm=True, **kw)
+    kw = {"save_strategy": "no", **kw}
+    return TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, disable_tqdm=True, **kw)
 
 
 def test_trigger_saves_one_hf_checkpoint_without_ray(tmp_path, caplog):
@@ -71,6 +72,26 @@ def test_trigger_saves_one_hf_checkpoint_without_ray(tmp_path, caplog):
     assert (receipt["status"], receipt["checkpoint"]) == ("ok", str(saved[0]))
     assert callback.saves[0]["path"] == str(saved[0])
     assert list((tmp_path / "hf" / ".dyncheck-staging").iterdir()) == []
+
+
+def test_epoch_save_on_a_triggered_step_saves_once(tmp_path):
+    from transformers import Trainer, TrainerCallback
+
+    run_dir = tmp_path / "run"
+    backend = rdc.LocalBackend(str(run_dir))
+    time.sleep(0.05)
+
+    class TouchAtStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                act(str(run_dir), "touch")
+
+    # 64 samples / batch 4 = 16 steps per epoch: the check at step 16 is also the end of epoch 1.
+    args = hf_args(tmp_path, max_steps=20, save_strategy="epoch")
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 16, "poll_interval_s": 0.05}, backend=backend)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, TouchAtStep1()]).train()
+    assert [(s["step"], s["reason"]) for s in callback.saves] == [(16, "trigger"), (20, "schedule")]
+    assert len([p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]) == 2
 
 
 def test_warns_when_rays_report_callback_is_installed_too(tmp_path, caplog):
