@@ -94,6 +94,32 @@ def test_epoch_save_on_a_triggered_step_saves_once(tmp_path):
     assert len([p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]) == 2
 
 
+def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
+    """save_strategy="best" re-decides should_save after each evaluation: a triggered save at a step
+    whose evaluation is not a new best is not lost, it happens one step later."""
+    from transformers import Trainer, TrainerCallback
+
+    run_dir = tmp_path / "run"
+    backend = rdc.LocalBackend(str(run_dir))
+    time.sleep(0.05)
+
+    class TouchAtStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                act(str(run_dir), "touch")
+
+    # Evaluations at 2, 4, 6: the first is a new best (a save); the loss falls, and with
+    # greater_is_better the later ones are not, so HF turns should_save off at step 4.
+    args = hf_args(tmp_path, max_steps=6, save_strategy="best", eval_strategy="steps", eval_steps=2,
+                   metric_for_best_model="loss", greater_is_better=True)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 4, "poll_interval_s": 0.05}, backend=backend)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
+            callbacks=[callback, TouchAtStep1()]).train()
+    assert [(s["step"], s["reason"]) for s in callback.saves] == [(2, "schedule"), (5, "trigger")]
+    receipts = list((run_dir / ".dyncheck" / "receipts").glob("*.json"))
+    assert [json.loads(p.read_text())["step"] for p in receipts] == [5]
+
+
 def test_warns_when_rays_report_callback_is_installed_too(tmp_path, caplog):
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import Trainer
