@@ -242,6 +242,7 @@ class LocalBackend:
             return
         if self.rank != 0:  # only rank 0's directory is stored here
             shutil.rmtree(directory, ignore_errors=True)
+            on_done(None, None)
             return
         dest = posixpath.join(self.run_dir, name)
         try:

@@ -129,3 +129,34 @@ def train_fn(config: dict) -> None:
         json.dump(actions.record, f)
     if rank == 0:
         torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, os.path.join(out, "final.pt"))
+
+
+def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """HF Trainer under plain torch.distributed (no Ray) with LocalBackend: what torchrun users get."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from transformers import Trainer, TrainingArguments
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=4, per_device_train_batch_size=4,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                             ddp_find_unused_parameters=False)
+    actions = make_actions_callback({"actions": {"1": ["touch"]}}, run_dir, rank)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05},
+                                             backend=rdc.LocalBackend(run_dir))
+    import logging
+
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ray_dyncheck").addHandler(handler)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, actions]).train()
+    actions.record["errors"] = errors
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(actions.record | {"saves": [s["step"] for s in callback.saves]}, f)
+    dist.destroy_process_group()

@@ -120,6 +120,22 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
     assert [json.loads(p.read_text())["step"] for p in receipts] == [5]
 
 
+def test_two_ranks_without_ray_store_one_checkpoint_with_both_rng_states(tmp_path):
+    from gloo_workers import run_ranks
+    from hf_workloads import gloo_worker
+
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    rdc.LocalBackend(str(run_dir))  # the run-start marker, before the trigger is touched
+    time.sleep(0.05)
+    run_ranks(gloo_worker, 2, str(run_dir), str(out))
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["steps"] == r1["steps"] and r0["saves"] == [2]
+    assert r0["errors"] == r1["errors"] == [], "no rank waits for an upload that never comes"
+    [ckpt] = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]
+    # LocalBackend stores rank 0's directory only: with a shared output_dir it holds every rank's file.
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= set(os.listdir(ckpt))
+
+
 def test_warns_when_rays_report_callback_is_installed_too(tmp_path, caplog):
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import Trainer
