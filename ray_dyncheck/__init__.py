@@ -2,6 +2,8 @@
 
 Touch ``<run dir>/dyncheck.save`` (or write a request) and every rank of a ``TorchTrainer`` saves one
 resumable checkpoint at the next check, reported as a ``ray.train.Checkpoint``; training goes on.
+PyTorch loops use :class:`DynamicCheckpoint`; a Hugging Face ``Trainer`` uses
+``DynamicCheckpointCallback`` and ``hf_resume_path`` (the ``transformers`` extra).
 """
 
 from .agree import Decision
