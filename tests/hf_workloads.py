@@ -103,7 +103,8 @@ def train_fn(config: dict) -> None:
     rank = ctx.get_world_rank()
     run_dir = ctx.get_storage().experiment_fs_path
     args = TrainingArguments(
-        output_dir=os.path.join(config["out"], "hf"),  # shared by both ranks (one node)
+        # Shared by both ranks (one node), or one per rank, as node-local disks on several nodes are.
+        output_dir=os.path.join(config["out"], f"hf-rank{rank}" if config.get("output_dir_per_rank") else "hf"),
         max_steps=config["steps"],
         per_device_train_batch_size=4,
         learning_rate=5e-3,

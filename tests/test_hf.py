@@ -96,11 +96,16 @@ def test_stop_request_then_resume_matches_the_uninterrupted_run(baseline, tmp_pa
     base_tmp, _ = baseline
     storage = tmp_path / "results"
     stop = {"6": ['request:{"id": "pause", "kind": "full", "stop": true}']}
-    result = make_trainer(storage, "resumed", tmp_path / "a", actions=stop).fit()
+    # Each rank writes HF's files into its own output_dir, as on several nodes with local disks: rank 1
+    # holds only its rng_state_1.pth and reports it itself.
+    result = make_trainer(storage, "resumed", tmp_path / "a", actions=stop, output_dir_per_rank=True).fit()
     first = records(tmp_path / "a")
     # Claimed after step 6, honoured at the check at step 10, which is also HF's scheduled save: one save.
     assert first[0]["final_step"] == first[1]["final_step"] == 10
-    assert [(s, m["kind"], m["reason"]) for s, m, _ in reported(result)] == [(10, "full", "request")]
+    [(step, meta, path)] = reported(result)
+    assert (step, meta["kind"], meta["reason"]) == (10, "full", "request")
+    assert os.listdir(tmp_path / "a" / "hf-rank1" / "checkpoint-10") == ["rng_state_1.pth"]
+    assert set(os.listdir(path)) == FULL_FILES
 
     result = make_trainer(storage, "resumed", tmp_path / "b").fit()
     second = records(tmp_path / "b")
