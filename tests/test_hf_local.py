@@ -12,7 +12,7 @@ import time
 import pytest
 
 import ray_dyncheck as rdc
-from hf_workloads import Sequences, act, tiny_llama
+from hf_workloads import Sequences, make_actions_callback, tiny_llama
 
 
 def test_import_without_transformers_works_and_the_callback_names_the_extra():
@@ -33,6 +33,19 @@ def test_import_without_transformers_works_and_the_callback_names_the_extra():
                                  "pip install 'ray_dyncheck[transformers]' (transformers and accelerate)")
 
 
+def local_run(tmp_path):
+    """A run directory with its start marker; a trigger touched from now on is not stale."""
+    run_dir = tmp_path / "run"
+    backend = rdc.LocalBackend(str(run_dir))
+    time.sleep(0.05)
+    return run_dir, backend
+
+
+def touch_at_step_1(run_dir):
+    """Touches the trigger after step 1 and returns once the poller claimed it."""
+    return make_actions_callback({"actions": {"1": ["touch"]}}, str(run_dir), rank=0)
+
+
 def hf_args(tmp_path, **kw):
     from transformers import TrainingArguments
 
@@ -42,21 +55,15 @@ def hf_args(tmp_path, **kw):
 
 
 def test_trigger_saves_one_hf_checkpoint_without_ray(tmp_path, caplog):
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
-    run_dir = tmp_path / "run"
-    backend = rdc.LocalBackend(str(run_dir))
-    time.sleep(0.05)  # the trigger must be newer than the run-start marker
-
-    class TouchAtStep1(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                act(str(run_dir), "touch")  # returns once the poller claimed it
+    run_dir, backend = local_run(tmp_path)
 
     args = hf_args(tmp_path, max_steps=6)
     callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05, "save_steps": 3},
                                              backend=backend)
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, TouchAtStep1()])
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(),
+                      callbacks=[callback, touch_at_step_1(run_dir)])
     with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
         trainer.train()
     assert any("dynamic_checkpoint.save_steps=3 is ignored with the HF callback" in r.getMessage()
@@ -75,21 +82,15 @@ def test_trigger_saves_one_hf_checkpoint_without_ray(tmp_path, caplog):
 
 
 def test_epoch_save_on_a_triggered_step_saves_once(tmp_path):
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
-    run_dir = tmp_path / "run"
-    backend = rdc.LocalBackend(str(run_dir))
-    time.sleep(0.05)
-
-    class TouchAtStep1(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                act(str(run_dir), "touch")
+    run_dir, backend = local_run(tmp_path)
 
     # 64 samples / batch 4 = 16 steps per epoch: the check at step 16 is also the end of epoch 1.
     args = hf_args(tmp_path, max_steps=20, save_strategy="epoch")
     callback = rdc.DynamicCheckpointCallback({"check_interval": 16, "poll_interval_s": 0.05}, backend=backend)
-    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, TouchAtStep1()]).train()
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(),
+            callbacks=[callback, touch_at_step_1(run_dir)]).train()
     assert [(s["step"], s["reason"]) for s in callback.saves] == [(16, "trigger"), (20, "schedule")]
     assert len([p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]) == 2
 
@@ -97,16 +98,9 @@ def test_epoch_save_on_a_triggered_step_saves_once(tmp_path):
 def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
     """save_strategy="best" re-decides should_save after each evaluation: a triggered save at a step
     whose evaluation is not a new best is not lost, it happens one step later."""
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
-    run_dir = tmp_path / "run"
-    backend = rdc.LocalBackend(str(run_dir))
-    time.sleep(0.05)
-
-    class TouchAtStep1(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                act(str(run_dir), "touch")
+    run_dir, backend = local_run(tmp_path)
 
     # Evaluations at 2, 4, 6: the first is a new best (a save); the loss falls, and with
     # greater_is_better the later ones are not, so HF turns should_save off at step 4.
@@ -114,7 +108,7 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
                    metric_for_best_model="loss", greater_is_better=True)
     callback = rdc.DynamicCheckpointCallback({"check_interval": 4, "poll_interval_s": 0.05}, backend=backend)
     Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
-            callbacks=[callback, TouchAtStep1()]).train()
+            callbacks=[callback, touch_at_step_1(run_dir)]).train()
     assert [(s["step"], s["reason"]) for s in callback.saves] == [(2, "schedule"), (5, "trigger")]
     receipts = list((run_dir / ".dyncheck" / "receipts").glob("*.json"))
     assert [json.loads(p.read_text())["step"] for p in receipts] == [5]
