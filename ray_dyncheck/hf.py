@@ -14,7 +14,6 @@ Example (inside ``train_loop_per_worker``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ import torch
 from ._core import Backend, WorkerCore
 from .config import DynamicCheckpointConfig, load_config
 from .requests import Request
-from .state import FORMAT_VERSION, MANIFEST_FILE, read_manifest
+from .state import read_manifest, write_manifest
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -263,15 +262,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _write_manifest(directory: str, kind: str, step: int, world_size: int) -> None:
-    sizes = {}
-    for base, _dirs, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(base, name)
-            sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
-    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "world_size": world_size,
-                "layout": "transformers", "files": sizes}
-    with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    files = [os.path.relpath(os.path.join(base, name), directory)
+             for base, _dirs, names in os.walk(directory) for name in names]
+    write_manifest(directory, files, kind=kind, step=step, world_size=world_size, layout="transformers")
 
 
 def _warn_about_ray_report_callback(me: TrainerCallback) -> None:

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 
 __all__ = ["CheckpointInfo", "Stateful", "capture_rank_state", "load_checkpoint", "read_manifest",
-           "unwrap_model", "write_checkpoint"]
+           "unwrap_model", "write_checkpoint", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,16 @@ def write_checkpoint(
     with open(os.path.join(directory, TRAINER_FILE), "wb") as f:
         f.write(buf.getvalue())
     files.append(TRAINER_FILE)
+    return write_manifest(directory, files, kind=kind, step=step, world_size=len(rank_states))
+
+
+def write_manifest(directory: str, files: Sequence[str], *, kind: str, step: int, world_size: int,
+                   **extra: Any) -> dict[str, int]:
+    """Write the manifest of ``files`` (paths relative to ``directory``): the last file of a
+    checkpoint, so :func:`read_manifest` can tell a complete one. Returns ``{file: bytes}``."""
     sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in files}
-    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step,
-                "world_size": len(rank_states), "files": sizes}
+    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "world_size": world_size,
+                **extra, "files": sizes}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     return sizes
