@@ -248,10 +248,7 @@ class WorkerCore:
         if self.rank != 0:
             return
         if error is not None:
-            logger.error("dyncheck: no checkpoint at step %d (%s): %s", step, reason, error)
-            if self.poller is not None:
-                self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
-                                                "reason": reason, "error": error})
+            self.abandon(requests, step, kind, reason, error)
         else:
             logger.info("dyncheck: %s checkpoint at step %d (%s%s): written in %.2f s, training "
                         "blocked %.2f s; uploading", kind, step, reason,
@@ -259,12 +256,14 @@ class WorkerCore:
                         time.perf_counter() - t0)
 
     def abandon(self, requests: Sequence[Request], step: int, kind: str, reason: str, why: str) -> None:
-        """Rank 0: requests whose save will not happen get an error receipt (never dropped silently)."""
-        if self.rank == 0 and requests:
-            logger.error("dyncheck: no checkpoint for %s: %s", ", ".join(r.id for r in requests), why)
-            if self.poller is not None:
-                self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
-                                                "reason": reason, "error": why})
+        """Rank 0: a save that stored no checkpoint is logged, and its requests get an error receipt
+        (never dropped silently)."""
+        if self.rank != 0:
+            return
+        logger.error("dyncheck: no checkpoint at step %d (%s): %s", step, reason, why)
+        if requests and self.poller is not None:
+            self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
+                                            "reason": reason, "error": why})
 
     def _make_on_done(self, record: dict[str, Any], requests: list[Request], metadata: dict[str, Any],
                       t0: float) -> OnDone:
