@@ -67,12 +67,17 @@ class RayBackend:
                          delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=upload)
 
     def checkpoints(self) -> Iterator[ContextManager[str]]:
-        latest = ray.train.get_checkpoint()
-        if latest is None:
-            return
-        yield latest.as_directory()
-        # Only reached when the newest was incomplete: walk back through the others.
-        reported = ray.train.get_all_reported_checkpoints()
-        for item in reversed(reported):
-            if item.checkpoint.path != latest.path:
-                yield item.checkpoint.as_directory()
+        for checkpoint in newest_first():
+            yield checkpoint.as_directory()
+
+
+def newest_first() -> Iterator[Checkpoint]:
+    """The run's reported checkpoints, newest first (in a Ray Train worker)."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return
+    yield latest
+    # Only reached when the newest was incomplete: walk back through the others.
+    for item in reversed(ray.train.get_all_reported_checkpoints()):
+        if item.checkpoint.path != latest.path:
+            yield item.checkpoint

@@ -309,13 +309,10 @@ def hf_resume_path(download_dir: str | None = None) -> str | None:
     """
     import ray.train
 
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
-    candidates = [latest] + [r.checkpoint for r in reversed(ray.train.get_all_reported_checkpoints())
-                             if r.checkpoint.path != latest.path]
-    for ckpt in candidates:
-        if ckpt.filesystem.type_name == "local":
+    from ._ray import newest_first
+
+    for ckpt in newest_first():
+        if ckpt.filesystem is None or ckpt.filesystem.type_name == "local":
             local = ckpt.path
         else:
             local = ckpt.to_directory(tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir))
