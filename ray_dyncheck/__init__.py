@@ -6,12 +6,15 @@ PyTorch loops use :class:`DynamicCheckpoint`; a Hugging Face ``Trainer`` uses
 ``DynamicCheckpointCallback`` and ``hf_resume_path`` (the ``transformers`` extra).
 """
 
+from ._channel import Request
+from ._core import Backend
+from ._local import LocalBackend
 from .agree import Decision
-from .client import RunNotFoundError, request_save, run_status
+from .client import request_save, run_status
 from .config import DynamicCheckpointConfig, load_config
 from .driver import fit
-from .hook import Backend, DynamicCheckpoint, LocalBackend
-from .requests import Request
+from .errors import CheckpointRestoreError, CheckpointUploadError, RunNotFoundError
+from .hook import DynamicCheckpoint
 from .state import CheckpointInfo, Stateful
 
 # Loaded on first use and left out of __all__, so `import ray_dyncheck` (even `import *`) works
@@ -31,6 +34,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Backend",
     "CheckpointInfo",
+    "CheckpointRestoreError",
+    "CheckpointUploadError",
     "Decision",
     "DynamicCheckpoint",
     "DynamicCheckpointConfig",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -19,9 +19,11 @@ from typing import Any, ContextManager, Protocol
 import pyarrow.fs as pafs
 import torch
 
+from ._channel import Request, RequestChannel
+from ._poller import RequestPoller
+from ._receipts import Receipts
 from .agree import Agreement, AutoInterval, Decision
 from .config import DynamicCheckpointConfig
-from .requests import Request, RequestChannel, RequestPoller
 from .state import FORMAT_VERSION
 
 __all__ = ["Backend", "OnDone", "WorkerCore"]
@@ -32,7 +34,8 @@ OnDone = Callable[[str | None, BaseException | None], None]
 
 
 class Backend(Protocol):
-    """Where checkpoints go and come from. :mod:`ray_dyncheck._ray` implements it for Ray Train."""
+    """Where checkpoints go and come from. :mod:`ray_dyncheck._ray` implements it for Ray Train,
+    :class:`~ray_dyncheck.LocalBackend` for plain ``torch.distributed``."""
 
     rank: int
     world_size: int
@@ -43,13 +46,25 @@ class Backend(Protocol):
     def storage(self) -> tuple[pafs.FileSystem, str] | None:
         """The run directory's filesystem and path, or ``None`` when there is none."""
 
+    def prepare(self, directory: str, metadata: dict[str, Any]) -> None:
+        """Rank 0, before :meth:`report`: attach ``metadata`` to the checkpoint in ``directory``.
+        May raise: the caller then reports without a checkpoint."""
+
     def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
                metadata: dict[str, Any], on_done: OnDone) -> None:
         """Called on every rank, the same number of times; ``directory`` is ``None`` on ranks with
-        nothing to write. ``on_done(path, error)`` runs once that rank's files are stored."""
+        nothing to write. ``on_done(path, error)`` runs once, when that rank's files are stored or
+        finally failed to be."""
 
-    def checkpoints(self) -> Iterator[ContextManager[str]]:
-        """The run's checkpoints, newest first, each opened as a local directory."""
+    def committed(self, path: str, timeout: float) -> bool:
+        """Rank 0, in a background thread, after ``on_done(path, None)``: whether the checkpoint is
+        registered (a new run would resume from it)."""
+
+    def checkpoints(self) -> Iterator[str]:
+        """The run's committed checkpoints, newest first (paths on the run's storage)."""
+
+    def open(self, path: str) -> ContextManager[str]:
+        """One checkpoint as a local directory (downloaded first when remote)."""
 
 
 def iso_time(ts: float | None = None) -> str:
@@ -88,7 +103,8 @@ class WorkerCore:
         self.rank, self.world_size = backend.rank, backend.world_size
         self.saves: list[dict[str, Any]] = saves if saves is not None else []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
-        self.agreement = Agreement()  # collective: every rank constructs it here
+        # Collective: every rank constructs it here.
+        self.agreement = Agreement(timeout_s=config.collective_timeout_s)
         self._auto = AutoInterval(config.max_check_overhead) if config.auto_interval else None
         self.interval = 1
         self._logged_interval = 0
@@ -98,8 +114,8 @@ class WorkerCore:
         self._last_check_s = 0.0
         self._t_exit: float | None = None
         self._announced = False
-        self._uploads = 0
-        self._uploads_cv = threading.Condition()
+        self.last_step = 0
+        self._receipts = Receipts(self)
         self.poller: RequestPoller | None = None
         self.channel: RequestChannel | None = None
         if config.enabled and self.rank == 0:
@@ -112,7 +128,8 @@ class WorkerCore:
                            "are off; scheduled saves and resume still work")
             return
         fs, run_dir = storage
-        self.channel = RequestChannel(fs, run_dir, self.config.trigger_file_path)
+        self.channel = RequestChannel(fs, run_dir, self.config.trigger_file_path,
+                                      max_attempts=self.config.max_save_attempts)
         self.poller = RequestPoller(self.channel, self.config.poll_interval_s).start()
         logger.info("dyncheck: watching %s and %s/.dyncheck/requests/ (check_interval=%s)",
                     self.channel.trigger, run_dir, self.config.check_interval)
@@ -120,19 +137,29 @@ class WorkerCore:
     def start_at(self, step: int) -> None:
         """Training (re)starts after ``step`` (a resume): the next check is the next step."""
         self._next_check = step + 1
+        self.last_step = step
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Wait for this rank's checkpoint uploads and receipts, then stop the poller."""
+    def close(self, timeout: float | None = None, *, clean: bool = True) -> None:
+        """Wait until this rank's checkpoints are stored and their receipts final, then stop the poller.
+
+        ``clean``: the training loop ended normally, so every request still pending or claimed gets an
+        ``unserved`` receipt. After an exception the claims stay, for a restarted worker group.
+        ``timeout`` defaults to ``commit_timeout_s`` plus a minute for the receipts themselves; after an
+        exception to 10 s (what is unanswered is served by the restarted group: do not hold up the restart).
+        """
+        if timeout is None:
+            timeout = self.config.commit_timeout_s + 60.0 if clean else 10.0
         deadline = time.monotonic() + timeout
-        with self._uploads_cv:
-            while self._uploads and time.monotonic() < deadline:
-                self._uploads_cv.wait(deadline - time.monotonic())
-            if self._uploads:
-                logger.error("dyncheck: %d checkpoint upload(s) still running after %.0f s",
-                             self._uploads, timeout)
+        if not self._receipts.wait(timeout):
+            logger.error("dyncheck: %d checkpoint(s) not yet stored and registered after %.0f s; their "
+                         "receipts are left unwritten", self._receipts.busy, timeout)
         if self.poller is not None:
-            self.poller.close(max(1.0, deadline - time.monotonic()))
+            unserved = (self.last_step, f"training ended at step {self.last_step} before a check served "
+                        "it") if clean else None
+            self.poller.close(max(1.0, deadline - time.monotonic()), unserved=unserved)
             self.poller = None
+        self._receipts.stop()
+        self.agreement.close()
 
     # -- the per-step check --------------------------------------------------------------------
 
@@ -143,6 +170,7 @@ class WorkerCore:
         ``(None, [])`` at the cost of a counter.
         """
         t_enter = time.perf_counter()
+        self.last_step = step
         if self._t_exit is not None:
             self._train_s += t_enter - self._t_exit
         self._steps_since_check += 1
@@ -196,6 +224,10 @@ class WorkerCore:
                     self.poller.requeue(requests)  # not lost: decided on at the next check
                 requests = []
         agreed = self.agreement.agree(local)
+        if agreed.save and requests and self.poller is not None:
+            # Count the attempt before the save starts, so a save that kills the workers (out of
+            # memory) is not retried after every restart. Bounded: a slow store only delays it.
+            self.poller.begin(requests).wait(2.0)
         if self._auto is not None:
             if self.rank == 0 and self._logged_interval != agreed.next_interval and self._auto.step_s:
                 self._logged_interval = agreed.next_interval
@@ -227,6 +259,8 @@ class WorkerCore:
 
         ``error`` (rank 0) means the checkpoint could not be written: every rank still reports,
         without a checkpoint, and the requests get an error receipt. ``t0`` is when the save began.
+        If the backend's report itself raises (Ray failing), the requests get an error receipt and
+        the error propagates: Ray fails the worker group and its ``FailureConfig`` decides.
         """
         t_written = time.perf_counter()
         # Unique per report (a resumed run can save the same step again); Ray keeps rank 0's name.
@@ -235,20 +269,35 @@ class WorkerCore:
         metadata = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "reason": reason,
                     "request_id": ids[0] if ids else None, "request_ids": ids, "time": iso_time(),
                     "world_size": self.world_size}
+        if self.rank == 0 and directory is not None and error is None:
+            try:
+                self.backend.prepare(directory, metadata)
+            except Exception as exc:
+                logger.exception("dyncheck: could not attach metadata to the checkpoint at step %d", step)
+                error = f"rank 0: metadata: {type(exc).__name__}: {exc}"
+        if error is not None and directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory = None
         record = {"step": step, "kind": kind, "reason": reason, "requests": ids, "name": name,
                   "path": None, "error": error}
         if self.rank == 0:
             self.saves.append(record)
         report_metrics = {**_plain(metrics), "step": step, "dyncheck_kind": kind, "dyncheck_reason": reason}
-        if directory is not None:
-            with self._uploads_cv:
-                self._uploads += 1
-        on_done = self._make_on_done(record, list(requests), metadata, t0)
-        self.backend.report(report_metrics, directory, name=name, metadata=metadata, on_done=on_done)
+        on_done = self._receipts.expect(record, list(requests), t0) if directory is not None else _ignore
+        try:
+            self.backend.report(report_metrics, directory, name=name, metadata=metadata, on_done=on_done)
+        except BaseException as exc:
+            on_done(None, exc)  # uncounted; its requests get an error receipt (once)
+            if directory is None:
+                self.abandon(requests, step, kind, reason, f"report failed: {type(exc).__name__}: {exc}")
+            raise
         if self.rank != 0:
             return
         if error is not None:
             self.abandon(requests, step, kind, reason, error)
+        elif directory is None and requests:
+            # Rank 0 had nothing to store (the torch hook always has): nothing will answer them.
+            self.abandon(requests, step, kind, reason, "rank 0 stored no files for this checkpoint")
         else:
             logger.info("dyncheck: %s checkpoint at step %d (%s%s): written in %.2f s, training "
                         "blocked %.2f s; uploading", kind, step, reason,
@@ -265,45 +314,12 @@ class WorkerCore:
             self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
                                             "reason": reason, "error": why})
 
-    def _make_on_done(self, record: dict[str, Any], requests: list[Request], metadata: dict[str, Any],
-                      t0: float) -> OnDone:
-        counted = [False]
-
-        def on_done(path: str | None, exc: BaseException | None) -> None:
-            # Runs in the upload thread, once this rank's files are stored (or failed). Ray may retry
-            # a failed upload: a later success rewrites the receipt.
-            try:
-                record["path"] = path
-                if self.rank != 0:
-                    return
-                receipt: dict[str, Any] = {"step": metadata["step"], "kind": metadata["kind"],
-                                           "reason": metadata["reason"]}
-                if exc is None:
-                    receipt.update(status="ok", checkpoint=path, checkpoint_uri=self._uri(path))
-                    logger.info("dyncheck: checkpoint for step %d stored at %s (%.2f s after the "
-                                "decision)", metadata["step"], path, time.perf_counter() - t0)
-                else:
-                    record["error"] = f"upload failed: {exc}"
-                    receipt.update(status="error", error=record["error"])
-                if requests and self.channel is not None:
-                    try:
-                        self.channel.retire(requests, receipt)
-                    except Exception:
-                        logger.exception("dyncheck: could not write receipts for %s; retrying from the "
-                                         "poller", ", ".join(r.id for r in requests))
-                        if self.poller is not None:
-                            self.poller.complete(requests, receipt)
-            finally:
-                with self._uploads_cv:
-                    if not counted[0]:
-                        counted[0] = True
-                        self._uploads -= 1
-                    self._uploads_cv.notify_all()
-
-        return on_done
-
-    def _uri(self, path: str | None) -> str | None:
+    def uri(self, path: str | None) -> str | None:
         if path is None or self.channel is None:
             return path
         scheme = self.channel.fs.type_name
         return path if scheme == "local" else f"{scheme}://{path}"
+
+
+def _ignore(path: str | None, exc: BaseException | None) -> None:
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any, ContextManager
 
@@ -12,18 +13,25 @@ import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
 
 from ._core import OnDone
+from .errors import CheckpointUploadError
 
 logger = logging.getLogger(__name__)
+
+UPLOAD_ATTEMPTS = 3
+UPLOAD_BACKOFF_S = 1.0
 
 
 class RayBackend:
     """Runs in a Ray Train worker (inside ``train_loop_per_worker``).
 
     Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` so training is blocked only for
-    the local write; the upload goes through our ``checkpoint_upload_fn``, which tells the hook when
-    the files are in the run's storage (so receipts are written only then). Ray waits for pending
-    uploads when the training function returns. Every rank's directory is copied into the same
-    checkpoint directory (Ray syncs rank 0's name to all ranks); only rank 0's carries the metadata.
+    the local write; the upload goes through our ``checkpoint_upload_fn``, which retries it itself
+    and tells the hook once, when the files are finally stored or finally failed (Ray's own retry
+    would call it again after a failure, and a receipt must never say ``error`` then ``ok``). A final
+    failure raises :class:`~ray_dyncheck.errors.CheckpointUploadError`: Ray fails the worker group
+    and ``FailureConfig`` decides. Ray waits for pending uploads when the training function
+    returns. Every rank's directory is copied into the same checkpoint directory (Ray syncs rank 0's
+    name to all ranks); only rank 0's carries the metadata.
     """
 
     merges_rank_dirs = True
@@ -40,44 +48,65 @@ class RayBackend:
             return None
         return storage.storage_filesystem, storage.experiment_fs_path
 
+    def prepare(self, directory: str, metadata: dict[str, Any]) -> None:
+        # One writer of .metadata.json (rank 0); the other ranks' copies would differ in time.
+        Checkpoint.from_directory(directory).set_metadata(metadata)
+
     def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
                metadata: dict[str, Any], on_done: OnDone) -> None:
         if directory is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        checkpoint = Checkpoint.from_directory(directory)
-        if self.rank == 0:  # one writer of .metadata.json; the other ranks' copies would differ in time
-            checkpoint.set_metadata(metadata)
         storage = self.context.get_storage()
 
         def upload(ckpt: Checkpoint, dir_name: str) -> Checkpoint:
-            try:
-                persisted = storage.persist_current_checkpoint(ckpt, dir_name)
-            except BaseException as exc:
-                on_done(None, exc)
-                raise
+            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+                try:
+                    persisted = storage.persist_current_checkpoint(ckpt, dir_name)
+                    break
+                except Exception as exc:
+                    if attempt < UPLOAD_ATTEMPTS:
+                        logger.warning("dyncheck: upload of %s failed (attempt %d of %d): %s: %s; retrying",
+                                       dir_name, attempt, UPLOAD_ATTEMPTS, type(exc).__name__, exc)
+                        time.sleep(UPLOAD_BACKOFF_S * attempt)
+                        continue
+                    on_done(None, exc)
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise CheckpointUploadError(
+                        f"checkpoint {dir_name} could not be stored after {UPLOAD_ATTEMPTS} attempts "
+                        "(the cause follows)") from exc
             # Deleted here, not by Ray after we return: once on_done has run, close() may return and
             # the user may remove the folder the staged files sit in (a temporary output_dir).
             shutil.rmtree(directory, ignore_errors=True)
             on_done(persisted.path, None)
             return persisted
 
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=upload)
 
-    def checkpoints(self) -> Iterator[ContextManager[str]]:
+    def committed(self, path: str, timeout: float) -> bool:
+        # Waits until the controller has processed every report this worker made so far.
+        items = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout)
+        return any(item.checkpoint.path == path for item in items)
+
+    def checkpoints(self) -> Iterator[str]:
         for checkpoint in newest_first():
-            yield checkpoint.as_directory()
+            yield checkpoint.path
+
+    def open(self, path: str) -> ContextManager[str]:
+        storage = self.context.get_storage()
+        return Checkpoint(path, filesystem=storage.storage_filesystem).as_directory()
 
 
 def newest_first() -> Iterator[Checkpoint]:
-    """The run's reported checkpoints, newest first (in a Ray Train worker)."""
+    """The run's registered checkpoints, newest first (in a Ray Train worker)."""
     latest = ray.train.get_checkpoint()
     if latest is None:
         return
     yield latest
-    # Only reached when the newest was incomplete: walk back through the others.
+    # Only reached when the newest was unusable: walk back through the others.
     for item in reversed(ray.train.get_all_reported_checkpoints()):
         if item.checkpoint.path != latest.path:
             yield item.checkpoint

@@ -17,6 +17,7 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,10 +62,11 @@ class Agreement:
     Construct it on every rank at the same point (creating the side group is itself collective).
     Ranks other than 0 contribute zeros, so the result is rank 0's decision; any rank may raise a flag
     (``stop``) and every rank sees it. Without an initialised process group, or at world size 1, no
-    collective runs.
+    collective runs. ``timeout_s`` bounds every collective on the side group: a rank that died makes
+    the others raise after it, instead of waiting out the default (30 minutes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.group: dist.ProcessGroup | None = None
         self.rank, self.world_size = 0, 1
         if dist.is_available() and dist.is_initialized():
@@ -72,7 +74,8 @@ class Agreement:
             if self.world_size > 1:
                 # A side group even when the default one is gloo: our collective never interleaves
                 # with the user's on the same communicator.
-                self.group = dist.new_group(backend="gloo")
+                timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+                self.group = dist.new_group(backend="gloo", timeout=timeout)
                 # Connect now: the first collective on a group is far slower than the rest, and
                 # would mislead the first interval chosen by `auto`.
                 dist.all_reduce(torch.zeros(5, dtype=torch.int64), group=self.group)
@@ -102,10 +105,30 @@ class Agreement:
         dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0), group=self.group)
         return out
 
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's small picklable ``obj`` on every rank (every rank calls it)."""
+        if self.group is None:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def all_gather(self, obj: object) -> list[object]:
+        """Every rank's small picklable ``obj``, in rank order, on every rank."""
+        if self.group is None:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def close(self) -> None:
-        if self.group is not None and dist.is_initialized():
-            dist.destroy_process_group(self.group)
-        self.group = None
+        """Release the side group (a local operation for gloo; safe after a peer died)."""
+        group, self.group = self.group, None
+        if group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # already torn down with the default group
+                logger.debug("dyncheck: side group already destroyed", exc_info=True)
 
 
 def _nice(n: float) -> int:

@@ -6,6 +6,9 @@ RUN is the run directory, ``<storage_path>/<name>`` (a path, or a URI such as
     ray-dyncheck save RUN [--weights-only] [--stop] [--wait] [--timeout S]
     ray-dyncheck stop RUN [--full] [--wait] [--timeout S]
     ray-dyncheck status RUN [--json]
+
+``status`` marks each checkpoint directory ``committed`` (a new run resumes from it), ``torn`` (files
+missing or truncated) or ``uncommitted`` (never registered: not resumed from).
 """
 
 from __future__ import annotations
@@ -69,10 +72,10 @@ def _status(status: dict[str, Any], *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, indent=1, sort_keys=True))
         return 0
-    rows = [("DIR", "KIND", "STEP", "REASON", "TIME", "SIZE")]
+    rows = [("DIR", "KIND", "STEP", "REASON", "TIME", "SIZE", "STATE")]
     for c in status["checkpoints"]:
         rows.append((c["dir"], str(c["kind"] or "-"), str(c["step"] if c["step"] is not None else "-"),
-                     str(c["reason"] or "-"), str(c["time"] or "-")[:19], _size(c["size"])))
+                     str(c["reason"] or "-"), str(c["time"] or "-")[:19], _size(c["size"]), c["state"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"run {status['run']}: {len(status['checkpoints'])} checkpoint(s)")
     for r in rows:

@@ -12,20 +12,31 @@ Example:
 
 from __future__ import annotations
 
-import json
 import posixpath
 import time
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from .requests import CLAIMED, RECEIPTS, REQUESTS, RUN_MARKER, new_id, resolve_run_dir, write_json
+from ._files import (
+    CLAIMED,
+    RECEIPTS,
+    REQUESTS,
+    RUN_MARKER,
+    new_id,
+    read_json,
+    read_json_large,
+    resolve_run_dir,
+    write_json,
+)
+from ._local import COMMIT_MARKER
+from .errors import RunNotFoundError
+from .state import MANIFEST_FILE
 
 __all__ = ["RunNotFoundError", "list_checkpoints", "request_save", "run_status"]
 
-
-class RunNotFoundError(ValueError):
-    """RUN is not a reachable Ray Train run directory."""
+# Ray Train's controller writes the checkpoints it registered here (Ray 2.5x-2.60).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def open_run(run: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
@@ -86,17 +97,46 @@ def request_save(run: str, *, kind: str = "full", stop: bool = False, wait: bool
 
 
 def list_checkpoints(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
-    """The run's checkpoint directories with their metadata and size, oldest step first."""
+    """The run's checkpoint directories with their metadata, size and state, oldest step first.
+
+    ``state`` is ``committed`` (Ray registered it, or :class:`~ray_dyncheck.LocalBackend` wrote its
+    commit marker: a new run resumes from it), ``torn`` (files missing or truncated: a writer died),
+    or ``uncommitted`` (complete files that nothing registered: never resumed from).
+    """
+    registered = _registered(fs, path)
     out = []
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         meta = read_json(fs, posixpath.join(info.path, ".metadata.json")) or {}
-        files = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+        files = {posixpath.relpath(f.path, info.path): f.size
+                 for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                 if f.type == pafs.FileType.File}
+        committed = info.base_name in registered or COMMIT_MARKER in files
+        state = "torn" if _torn(fs, info.path, files) else "committed" if committed else "uncommitted"
         out.append({"dir": info.base_name, "kind": meta.get("kind"), "step": meta.get("step"),
-                    "reason": meta.get("reason"), "time": meta.get("time"),
-                    "size": sum(f.size or 0 for f in files if f.type == pafs.FileType.File)})
+                    "reason": meta.get("reason"), "time": meta.get("time"), "state": state,
+                    "size": sum(size or 0 for size in files.values())})
     return sorted(out, key=lambda c: (c["step"] is None, c["step"] or 0, c["dir"]))
+
+
+def _registered(fs: pafs.FileSystem, path: str) -> set[str]:
+    """Checkpoint directory names Ray's controller registered (its snapshot in the run directory)."""
+    snapshot = read_json_large(fs, posixpath.join(path, RAY_SNAPSHOT))
+    results = snapshot.get("checkpoint_results", []) if snapshot else []
+    return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and "checkpoint_dir_name" in r}
+
+
+def _torn(fs: pafs.FileSystem, path: str, files: dict[str, int | None]) -> bool:
+    """Our manifest lists a file that is missing or of another size (a checkpoint without our
+    manifest is judged by the commit marker or Ray's registry alone)."""
+    manifest = read_json(fs, posixpath.join(path, MANIFEST_FILE))
+    if manifest is None:
+        return MANIFEST_FILE in files  # there, but unreadable
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return True
+    return any(name not in files or (size is not None and files[name] != size) for name, size in listed.items())
 
 
 def run_status(run: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
@@ -114,11 +154,3 @@ def run_status(run: str, filesystem: pafs.FileSystem | None = None) -> dict[str,
     receipts.sort(key=lambda r: str(r.get("time", "")))
     return {"run": run, "checkpoints": list_checkpoints(fs, path), "pending": pending, "receipts": receipts}
 
-
-def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """A small JSON file's contents; ``None`` if it is missing, unreadable or not JSON."""
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -79,6 +79,17 @@ class DynamicCheckpointConfig:
     signals: tuple[str, ...] = ("SIGINT", "SIGTERM")
     """The signals ``rdc.fit`` handles while it runs (add ``SIGUSR1`` for Slurm's warning signal)."""
 
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective on our gloo side group: a rank that died makes the others fail
+    after this long instead of waiting 30 minutes. Keep it above your longest synchronous save."""
+
+    commit_timeout_s: float = 300.0
+    """How long rank 0 waits for Ray to register a stored checkpoint before its receipt says error."""
+
+    max_save_attempts: int = 2
+    """A request whose save was started this many times, each time killing the workers (e.g. out of
+    memory), gets an ``error`` receipt instead of another try after the next restart."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise _error("enabled", self.enabled, "set it to true or false")
@@ -103,6 +114,12 @@ class DynamicCheckpointConfig:
         grace = self.interrupt_grace_s
         if not (_is_number(grace) and grace > 0):
             raise _error("interrupt_grace_s", grace, "set it to a number of seconds > 0, e.g. 120")
+        for name in ("collective_timeout_s", "commit_timeout_s"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value > 0):
+                raise _error(name, value, "set it to a number of seconds > 0, e.g. 600")
+        if not (_is_int(self.max_save_attempts) and self.max_save_attempts >= 1):
+            raise _error("max_save_attempts", self.max_save_attempts, "set it to an integer >= 1, e.g. 2")
         sigs = self.signals
         if isinstance(sigs, str) or not isinstance(sigs, (list, tuple)) or not all(
             isinstance(n, str) and isinstance(getattr(signal, n, None), signal.Signals) for n in sigs

@@ -2,9 +2,10 @@
 
 Runs in the driver process (your script, or the entrypoint of ``ray job submit``). While it runs it
 owns the interrupt signals: ``trainer.fit()`` runs in a thread, the main thread waits for it and for
-signals. A handler only records the signal; the main thread then writes one request
-(``{"kind": on_interrupt, "stop": true}``) into the run's request folder, the same channel rank 0
-already reads, and waits for the workers to save and leave their loops under a deadline.
+signals. A handler only records the signal; a helper thread writes one request (``{"kind":
+on_interrupt, "stop": true}``) into the run's request folder, the same channel rank 0 already reads,
+and the main thread waits for the workers to save and stop under a deadline. The main thread never
+touches storage: a hung filesystem cannot keep Ctrl+C from working.
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -21,13 +23,13 @@ import posixpath
 import signal
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow.fs as pafs
 
-from .client import read_json
+from ._channel import answer_leftovers
+from ._files import RECEIPTS, REQUESTS, new_id, read_json, write_json
 from .config import DynamicCheckpointConfig, load_config
-from .requests import RECEIPTS, REQUESTS, new_id, write_json
 
 __all__ = ["fit"]
 
@@ -35,18 +37,51 @@ logger = logging.getLogger(__name__)
 
 # A terminal sends SIGINT to the whole process group; duplicates arrive within milliseconds.
 DEBOUNCE_S = 0.5
+# Storage that has not written one small file in this long is treated as down: stop without a save.
+REQUEST_TIMEOUT_S = 5.0
+# After a forced exit starts, the process ends this soon even if shutting Ray down hangs (on a busy
+# machine that can cut a healthy ~3 s shutdown short: Ray's own processes die with the driver).
+FORCE_EXIT_S = 3.0
+# How long the end of fit() waits for leftover requests to be answered (storage may hang).
+TIDY_TIMEOUT_S = 10.0
 
 
 class _Signals:
-    """Records signals from the handler; the main thread reads them. No I/O in the handler."""
+    """Records signals from the handler; the main thread pops them. No I/O in the handler."""
 
     def __init__(self) -> None:
-        self.received: list[tuple[int, float]] = []
+        self.received: collections.deque[tuple[int, float]] = collections.deque()
         self.event = threading.Event()
 
     def handler(self, signum: int, _frame: Any) -> None:
         self.received.append((signum, time.monotonic()))
         self.event.set()
+
+    def pop(self, after: float) -> tuple[int, float] | None:
+        """The oldest signal received at or after ``after``; earlier ones (duplicates) are dropped."""
+        while self.received:
+            sig = self.received.popleft()
+            if sig[1] >= after:
+                return sig
+        return None
+
+
+class _Job:
+    """A storage call on a daemon thread (driver): a hung filesystem never blocks the main thread."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
+        threading.Thread(target=self._run, args=(fn, *args), name=f"dyncheck-{name}", daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.result = fn(*args)
+        except Exception as exc:  # handed to the main thread, which logs it in one line
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def fit(
@@ -65,8 +100,10 @@ def fit(
     - First signal: logs it, asks the workers for an ``on_interrupt`` save and a stop, waits up to
       ``interrupt_grace_s`` for ``fit()`` to end, then shuts Ray down and raises ``KeyboardInterrupt``
       (SIGINT) or ``SystemExit(128 + signum)``, so the script ends with the signal's exit status;
-      with ``raise_on_interrupt=False`` it returns the ``Result`` instead (Ray stays up).
-    - A second signal (after a short debounce), or the deadline passing: forced exit.
+      with ``raise_on_interrupt=False`` it returns the ``Result`` instead (Ray stays up). A request
+      that cannot be written within seconds: one error line, and the same stop without a save.
+    - A second signal (after a short debounce), or the deadline passing: forced exit, within seconds.
+    - Once ``fit()`` has ended, requests nobody served get an ``unserved`` receipt.
 
     Called from another thread it cannot own signals: it says so and runs ``trainer.fit()``.
     """
@@ -84,87 +121,130 @@ def fit(
     storage = trainer.run_config.storage_context  # Ray writes the run-start marker here, once
     fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
     box: dict[str, Any] = {}
+    ended = threading.Event()
 
     def run() -> None:
         try:
             box["result"] = trainer.fit()
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
+        finally:
+            ended.set()
 
     recorder = _Signals()
     previous = {n: signal.signal(n, recorder.handler) for n in nums}
-    thread = threading.Thread(target=run, name="dyncheck-fit", daemon=True)
     try:
-        thread.start()
-        first = _wait(thread, recorder, None)
+        threading.Thread(target=run, name="dyncheck-fit", daemon=True).start()
+        first = _wait(ended.is_set, recorder, None)
         if first is None:
+            _, late = _tidy(fs, run_dir, box, None, recorder, 0.0)
+            late = late or recorder.pop(0.0)  # one that came as fit() ended is not dropped either
+            if late is not None and raise_on_interrupt and "error" not in box:
+                _shut_down(late[0])  # Ctrl+C while we tidied up: the script stops, as it asked
             return _outcome(box)
         signum, t_sig = first
         name = signal.Signals(signum).name
-        if kind == "none":
-            logger.warning("dyncheck: %s received: asking workers to stop without saving (%s again to "
-                           "force)", name, name)
-        else:
-            logger.warning("dyncheck: interrupt received (%s): asking workers for a %s save "
-                           "(%s again to force)", name, "weights-only" if kind == "weights" else "full", name)
+        ask = "to stop without saving" if kind == "none" else f"for a {kind.replace('weights', 'weights-only')} save"
+        logger.warning("dyncheck: interrupt received (%s): asking workers %s (%s again to force)", name, ask, name)
         rid = new_id("interrupt")
-        write_json(fs, posixpath.join(run_dir, REQUESTS, f"{rid}.json"),
-                   {"id": rid, "kind": kind, "stop": True, "source": "interrupt"})
-        deadline = time.monotonic() + grace
-        second = _wait(thread, recorder, deadline, after=t_sig + DEBOUNCE_S)
-        receipt = _read_receipt(fs, run_dir, rid)
-        if thread.is_alive():
+        receipt_path = posixpath.join(run_dir, RECEIPTS, f"{rid}.json")
+        write = _Job("request", write_json, fs, posixpath.join(run_dir, REQUESTS, f"{rid}.json"),
+                     {"id": rid, "kind": kind, "stop": True, "source": "interrupt"})
+        after = t_sig + DEBOUNCE_S
+        second = _wait(write.done.is_set, recorder, time.monotonic() + REQUEST_TIMEOUT_S, after)
+        written = write.done.is_set() and write.error is None
+        if second is None and not written and not ended.is_set():
+            cause = (f"{type(write.error).__name__}: {write.error}" if write.error is not None
+                     else f"storage did not answer within {REQUEST_TIMEOUT_S:g} s")
+            logger.error("dyncheck: cannot ask the workers to save: writing the interrupt request into %s "
+                         "failed (%s); stopping without a save", run_dir, cause)
+            _shut_down(signum, then_raise=raise_on_interrupt)  # the workers were not told: stopping Ray stops them
+            return box.get("result")
+        if second is None:
+            second = _wait(ended.is_set, recorder, time.monotonic() + grace, after)
+        if not ended.is_set():
+            _exit_after(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
             why = (f"second {signal.Signals(second[0]).name}" if second is not None
                    else f"no answer within interrupt_grace_s={grace:g} s")
+            job = _Job("receipt", read_json, fs, receipt_path) if written else None
+            seen = ("the request is not written yet (storage has not answered)" if job is None
+                    else "the receipt could not be read in time" if not job.done.wait(1.0)
+                    else job.result or "no receipt yet (the workers have not saved)")
             logger.error("dyncheck: forced exit (%s); waited for request %s in %s; last seen: %s",
-                         why, rid, run_dir, receipt or "no receipt yet (the workers have not saved)")
-            _force_exit(signum)
+                         why, rid, run_dir, seen)
+            _shut_down(signum)
+        receipt, _ = _tidy(fs, run_dir, box, receipt_path, recorder, after)
         logger.warning("dyncheck: stopped after the interrupt in %.1f s; %s", time.monotonic() - t_sig,
                        _where(receipt, box))
         if raise_on_interrupt:
             if "error" in box:
                 raise box["error"]
-            _raise(signum)
+            _shut_down(signum)
         return _outcome(box)
     finally:
         for n, h in previous.items():
             signal.signal(n, h if h is not None else signal.SIG_DFL)
 
 
-def _wait(thread: threading.Thread, recorder: _Signals, deadline: float | None,
+def _wait(done: Callable[[], bool], recorder: _Signals, deadline: float | None,
           after: float = 0.0) -> tuple[int, float] | None:
-    """Until the fit thread ends (``None``), a signal arrives after ``after``, or the deadline."""
-    while thread.is_alive():
-        for sig in recorder.received:
-            if sig[1] >= after:
-                recorder.received.remove(sig)
-                return sig
-        recorder.received.clear()
-        recorder.event.clear()
-        timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
-        if deadline is not None and timeout == 0.0:
+    """Until ``done()`` (``None``), a signal arrives after ``after``, or the deadline (``None``)."""
+    while not done():
+        recorder.event.clear()  # before the scan: a signal landing after it sets the event again
+        sig = recorder.pop(after)
+        if sig is not None:
+            return sig
+        timeout = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        if timeout <= 0:
             return None
         recorder.event.wait(timeout)
     return None
 
 
-def _force_exit(signum: int) -> None:
-    """Raise in the main thread; if shutting Ray down then hangs, end the process anyway."""
-    timer = threading.Timer(15.0, os._exit, args=(128 + signum,))
+def _tidy(fs: pafs.FileSystem, run_dir: str, box: dict[str, Any], receipt: str | None, recorder: _Signals,
+          after: float) -> tuple[dict[str, Any] | None, tuple[int, float] | None]:
+    """``fit()`` has ended: requests nobody served get ``unserved`` receipts, then the interrupt's
+    ``receipt`` (a path) is read, on a helper thread for at most ``TIDY_TIMEOUT_S`` or until a signal.
+    Runs on the driver's main thread; returns ``(receipt, signal)``."""
+    err = box.get("error")
+    why = f"the run ended (fit() {f'raised {type(err).__name__}' if err else 'returned'}) before a check served it"
+    job = _Job("leftovers", lambda: (answer_leftovers(fs, run_dir, why), receipt and read_json(fs, receipt)))
+    sig = _wait(job.done.is_set, recorder, time.monotonic() + TIDY_TIMEOUT_S, after)
+    if not job.done.is_set():
+        logger.error("dyncheck: requests left in %s not answered: %s", run_dir,
+                     f"{signal.Signals(sig[0]).name} received" if sig is not None
+                     else f"storage did not answer within {TIDY_TIMEOUT_S:g} s")
+    elif job.error is not None:
+        logger.error("dyncheck: cannot answer the requests left in %s: %s: %s", run_dir,
+                     type(job.error).__name__, job.error)
+    else:
+        answered, found = job.result
+        if answered:
+            logger.info("dyncheck: %d request(s) left in %s answered 'unserved': %s", len(answered), run_dir,
+                        ", ".join(answered))
+        return found, sig
+    return None, sig
+
+
+def _exit_after(seconds: float, signum: int) -> threading.Timer:
+    """Ends the process with the signal's status ``seconds`` from now, unless cancelled. Driver."""
+    timer = threading.Timer(seconds, os._exit, args=(128 + signum,))
     timer.daemon = True
     timer.start()
-    _raise(signum)
+    return timer
 
 
-def _raise(signum: int) -> None:
+def _shut_down(signum: int, *, then_raise: bool = True) -> None:
     # The script is stopping as asked. Shut Ray down now: left to Ray's atexit hook, the shutdown
     # turns an uncaught KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130).
+    # A shutdown that hangs (a dead node, a stuck raylet) must not keep a stopping script alive.
     import ray
 
+    timer = _exit_after(15.0, signum)
     ray.shutdown()
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
+    timer.cancel()
+    if then_raise:
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _outcome(box: dict[str, Any]) -> Any:
@@ -173,15 +253,11 @@ def _outcome(box: dict[str, Any]) -> Any:
     return box.get("result")
 
 
-def _read_receipt(fs: pafs.FileSystem, run_dir: str, rid: str) -> dict[str, Any] | None:
-    return read_json(fs, posixpath.join(run_dir, RECEIPTS, f"{rid}.json"))
-
-
 def _where(receipt: dict[str, Any] | None, box: dict[str, Any]) -> str:
     if receipt and receipt.get("status") == "ok":
         return f"{receipt.get('kind')} checkpoint at step {receipt.get('step')}: {receipt.get('checkpoint')}"
     if receipt:
-        return f"the save failed: {receipt.get('error')}"
+        return f"no save ({receipt.get('status')}): {receipt.get('error')}"
     result = box.get("result")
     ckpt = getattr(result, "checkpoint", None)
     return f"no receipt; latest checkpoint: {ckpt.path if ckpt else 'none'}"

@@ -14,27 +14,36 @@ Example (inside ``train_loop_per_worker``)::
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
+import posixpath
+import random
 import re
 import shutil
-import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
+import numpy as np
+import pyarrow.fs as pafs
 import torch
 
+from ._channel import Request
 from ._core import Backend, WorkerCore
+from ._files import read_capped
+from .agree import Agreement
 from .config import DynamicCheckpointConfig, load_config
-from .requests import Request
-from .state import read_manifest, write_manifest
+from .errors import CheckpointRestoreError
+from .state import FORMAT_VERSION, MANIFEST_FILE, read_manifest, write_manifest
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.training_args import ParallelMode
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(
         "DynamicCheckpointCallback needs the Hugging Face extra: pip install 'ray_dyncheck[transformers]' "
@@ -49,10 +58,9 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 STAGING_DIR = ".dyncheck-staging"
+RAY_LAYOUT_DIR = "checkpoint"  # Ray's RayTrainReportCallback puts HF's files in this subfolder
+MAX_SCHEDULER_BYTES = 64 * 1024 * 1024
 _RANK_FILE = re.compile(r"^rng_state_(\d+)\.pth$")
-
-# What hf_resume_path() handed out in this process; on_train_begin finishes a weights-only resume.
-_resumed: dict[str, Any] = {}
 
 
 @dataclass
@@ -73,15 +81,21 @@ class DynamicCheckpointCallback(TrainerCallback):
     ``checkpoint-N`` (model, optimizer, scheduler, RNG, trainer state). In ``on_save`` every rank
     reports its share of that directory with ``ray.train.report`` (rank 0 the checkpoint, each other
     rank its own ``rng_state_<rank>.pth``), with our metadata (``kind``, ``step``, ``reason``,
-    ``request_id``), for HF's scheduled saves too. It therefore **replaces** Ray's
-    ``RayTrainReportCallback`` (which cannot attach metadata): do not install both, or every save is
-    reported twice (it warns when it sees both). HF's ``save_steps`` / ``save_strategy`` stay the
-    schedule; the ``save_steps`` key of the ``dynamic_checkpoint`` block is ignored here.
+    ``request_id``), for HF's scheduled saves too. Rank 0's manifest (``dyncheck.json``) lists every
+    rank's files, so a checkpoint missing one is skipped on resume. The callback therefore
+    **replaces** Ray's ``RayTrainReportCallback`` (which cannot attach metadata): do not install both,
+    or every save is reported twice. HF's ``save_steps`` / ``save_strategy`` stay the schedule; the
+    ``save_steps`` key of the ``dynamic_checkpoint`` block is ignored here.
 
-    A weights-only save (the interrupt's default) switches ``args.save_only_model`` on for that one
-    save and restores it right after; the checkpoint also carries ``scheduler.pt``, so
-    :func:`hf_resume_path` continues at its step with the LR schedule where it was and a fresh
-    optimizer (logged).
+    A weights-only save (the interrupt's default) leaves the optimizer out. For that one save the
+    callback turns your ``args.save_only_model`` on at the step's end, and puts your value back first
+    thing in ``on_save`` (before anything that can raise), at the next step's start if HF did not
+    save that step, and in ``on_train_begin`` / ``on_train_end``; an instance lock guards the change.
+    Only if ``Trainer`` itself raises between that step's end and its save does ``args`` keep it until
+    this callback's next ``on_train_begin``. The checkpoint still carries ``scheduler.pt`` and every
+    rank's RNG state (each rank adds ``rng_state_<rank>.pth`` in HF's format, which
+    ``save_only_model`` leaves out), so :func:`hf_resume_path` continues at its step with the LR
+    schedule and RNG where they were and a fresh optimizer (logged).
 
     The trigger file and request folder are in the Ray run directory, not in ``output_dir``.
 
@@ -96,16 +110,27 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._backend = backend
         self._core: WorkerCore | None = None
         self._pending: _Pending | None = None
+        self._only_model_lock = threading.Lock()
         self._only_model_before: bool | None = None
         self._saved_step: int | None = None
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable before training (e.g. built on the driver, sent to the workers); a lock is not.
+        state = self.__dict__.copy()
+        del state["_only_model_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._only_model_lock = threading.Lock()
+
     # -- HF events (every rank) ----------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        _warn_about_ray_report_callback(self)
+        self._restore_only_model(args)  # left on by an earlier train() that raised before its save
         if self.config.save_steps is not None and state.is_world_process_zero:
             logger.warning("dyncheck: dynamic_checkpoint.save_steps=%d is ignored with the HF callback: HF's "
                            "save_steps/save_strategy are the schedule", self.config.save_steps)
@@ -117,7 +142,13 @@ class DynamicCheckpointCallback(TrainerCallback):
                 backend = RayBackend()
             self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
         self._core.start_at(state.global_step)
-        _finish_weights_resume(state, kwargs.get("lr_scheduler"))
+        self._finish_weights_resume(state, kwargs.get("lr_scheduler"))
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        # HF did not save at the step that asked (save_strategy="best" re-decides should_save): your
+        # value while this step trains; the step's end asks again.
+        self._restore_only_model(args)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -129,7 +160,10 @@ class DynamicCheckpointCallback(TrainerCallback):
         if self._pending is not None:
             # HF did not save when asked (save_strategy="best" re-decides should_save after an
             # evaluation): ask again rather than lose the request.
+            if scheduled:
+                self._pending.kind = "full"  # HF's own save at this step is a full one
             control.should_save = True
+            self._set_only_model(args, self._pending.kind == "weights")
         decision, requests = core.check(step)
         saving = decision is not None and decision.save
         if saving:
@@ -153,6 +187,7 @@ class DynamicCheckpointCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
+        only_model = self._restore_only_model(args)  # first: nothing below leaves your args changed
         core = self._core
         if core is None:
             return
@@ -161,25 +196,38 @@ class DynamicCheckpointCallback(TrainerCallback):
         if pending is not None:
             kind, reason, requests, t0 = pending.kind, pending.reason, pending.requests, pending.t0
         else:
-            kind = "weights" if args.save_only_model else "full"
+            kind = "weights" if only_model else "full"
             reason, requests = "schedule", []
-        self._restore_only_model(args)
         step = state.global_step
         output_dir = str(args.output_dir)
         source = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}-{step}")
-        directory, error = None, None
+        share: dict[str, int] = {}
+        error: str | None = None
         try:
-            directory = self._stage(source, output_dir, step, kind, kwargs.get("lr_scheduler"))
+            share = self._share(args, source, rng_left_out=only_model)
         except Exception as exc:
-            logger.exception("dyncheck: rank %d could not stage %s for Ray", core.rank, source)
+            logger.exception("dyncheck: rank %d could not list its files of %s", core.rank, source)
             error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
-        # One rank's error means no rank passes its files: half a checkpoint is never reported.
-        failed = core.agreement.any_rank(error is not None)
-        if failed and directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-            directory = None
-        if failed and error is None:
-            error = "another rank could not stage its files (see its log)"
+        # Every rank's files (rank 0's manifest lists them all) and errors. Also a barrier: every
+        # rank's RNG file is written before rank 0 lists a shared checkpoint-N.
+        gathered: list[Any] = core.agreement.all_gather((share, error))
+        errors = [e for _, e in gathered if e is not None]
+        directory = None
+        if errors:
+            error = "; ".join(errors)  # the same on every rank: nobody passes files
+        else:
+            try:
+                directory = self._stage(source, output_dir, step, kind, kwargs.get("lr_scheduler"),
+                                        [s for s, _ in gathered])
+            except Exception as exc:
+                logger.exception("dyncheck: rank %d could not stage %s for Ray", core.rank, source)
+                error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
+            # One rank's error means no rank passes its files: half a checkpoint is never reported.
+            if core.agreement.any_rank(error is not None):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    directory = None
+                error = error or "another rank could not stage its files (see its log)"
         metrics: dict[str, Any] = {}
         for log in state.log_history:  # the latest value of each logged metric, as Ray's callback does
             metrics.update({k: v for k, v in log.items() if isinstance(v, (int, float))})
@@ -190,46 +238,58 @@ class DynamicCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        self._restore_only_model(args)
         if self._core is None:
             return
         if self._pending is not None:
-            self._restore_only_model(args)
             pending, self._pending = self._pending, None
             self._core.abandon(pending.requests, state.global_step, pending.kind, pending.reason,
                                "training ended before Trainer saved the checkpoint it was asked for")
-        self._core.close()
+        self._core.close(clean=True)  # a normal end: requests no check served get "unserved"
         self._core = None
 
     # -- helpers -------------------------------------------------------------------------------
 
     def _set_only_model(self, args: TrainingArguments, only_model: bool) -> None:
-        if self._only_model_before is None:
-            self._only_model_before = bool(args.save_only_model)
-        args.save_only_model = only_model
+        with self._only_model_lock:
+            if self._only_model_before is None:
+                self._only_model_before = bool(args.save_only_model)
+            args.save_only_model = only_model
 
-    def _restore_only_model(self, args: TrainingArguments) -> None:
-        if self._only_model_before is not None:
-            args.save_only_model = self._only_model_before
-            self._only_model_before = None
+    def _restore_only_model(self, args: TrainingArguments) -> bool:
+        """Put your ``save_only_model`` back; returns the value in effect until now (HF saved with it)."""
+        with self._only_model_lock:
+            current = bool(args.save_only_model)
+            if self._only_model_before is not None:
+                args.save_only_model = self._only_model_before
+                self._only_model_before = None
+            return current
 
-    def _stage(self, source: str, output_dir: str, step: int, kind: str, lr_scheduler: Any) -> str | None:
-        """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory of its own
-        that the backend deletes once it is stored. ``None`` when this rank has nothing to add."""
+    def _share(self, args: TrainingArguments, source: str, rng_left_out: bool) -> dict[str, int]:
+        """This rank's files of HF's ``checkpoint-N`` (``{path: bytes}``), after adding its RNG file,
+        in HF's format and name, when HF did not write it (``save_only_model``)."""
+        core = self._core
+        assert core is not None
+        if core.rank == 0 and not os.path.isdir(source):
+            raise FileNotFoundError(f"Trainer saved no {source}")
+        rng_file = os.path.join(source, "rng_state.pth" if args.world_size <= 1
+                                else f"rng_state_{args.process_index}.pth")
+        if rng_left_out or not os.path.isfile(rng_file):
+            os.makedirs(source, exist_ok=True)  # on other ranks HF may not have made it
+            torch.save(_hf_rng_state(args), rng_file)
+        return _sizes(source, [name for name in os.listdir(source) if _owner(name) == core.rank])
+
+    def _stage(self, source: str, output_dir: str, step: int, kind: str, lr_scheduler: Any,
+               shares: list[dict[str, int]]) -> str | None:
+        """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory of its
+        own that the backend deletes once it is stored. Rank 0 adds ``scheduler.pt`` (weights only)
+        and the manifest of every rank's files (``shares``, in rank order)."""
         core = self._core
         assert core is not None
         rank, merged = core.rank, core.backend.merges_rank_dirs
-        if not os.path.isdir(source):
-            if rank == 0:
-                raise FileNotFoundError(f"Trainer saved no {source} (is output_dir the same on every rank?)")
-            return None
-        names = []
-        for name in sorted(os.listdir(source)):
-            m = _RANK_FILE.match(name)
-            owner = int(m.group(1)) if m else 0
-            if owner == rank or (rank == 0 and not merged):
-                names.append(name)
-        if not names:
-            return None
+        if rank != 0 and not merged:
+            return None  # this backend stores rank 0's directory only
+        names = [name for name in sorted(os.listdir(source)) if _owner(name) == rank or (rank == 0 and not merged)]
         root = os.path.join(output_dir, STAGING_DIR)
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f"step{step}-rank{rank}-", dir=root)
@@ -242,11 +302,77 @@ class DynamicCheckpointCallback(TrainerCallback):
                     # HF's save_only_model leaves the scheduler out; it is small, and without it a
                     # resume would restart the LR schedule at its first step.
                     torch.save(lr_scheduler.state_dict(), os.path.join(staging, SCHEDULER_FILE))
-                _write_manifest(staging, kind, step, core.world_size)
+                files = _sizes(staging, os.listdir(staging))
+                for other, share in enumerate(shares[1:], start=1):
+                    for name, size in share.items():
+                        if merged:
+                            files[name] = size  # stored into the same checkpoint by rank `other`
+                        elif files.get(name) != size:
+                            raise FileNotFoundError(
+                                f"rank {other}'s {name} is not in {source} on rank 0: "
+                                f"{type(core.backend).__name__} stores rank 0's files only, so every rank "
+                                "needs the same output_dir")
+                write_manifest(staging, files, kind=kind, step=step, world_size=core.world_size,
+                               layout="transformers")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return staging
+
+    def _finish_weights_resume(self, state: TrainerState, lr_scheduler: Any) -> None:
+        """After HF resumed from a weights-only checkpoint: HF restored the step, weights and RNG;
+        restore the LR schedule (HF loads it only together with an optimizer) and say the optimizer
+        is fresh. Rank 0 finds the checkpoint as :func:`hf_resume_path` chose it; one broadcast."""
+        core = self._core
+        assert core is not None
+        resumed: Any = None
+        if core.rank == 0 and state.global_step > 0:
+            try:
+                resumed = _weights_resume(core.backend, state.global_step)
+            except Exception:
+                logger.exception("dyncheck: could not tell whether Trainer resumed from a weights-only "
+                                 "checkpoint; if it did, the LR schedule starts over")
+        resumed = core.agreement.broadcast(resumed)  # every rank, every time: the same collectives
+        if not isinstance(resumed, dict):
+            return
+        if resumed["scheduler"] is not None and lr_scheduler is not None:
+            lr_scheduler.load_state_dict(resumed["scheduler"])
+        if core.rank == 0:
+            logger.warning("dyncheck: resumed from a weights-only checkpoint at step %d (%s): optimizer state "
+                           "starts fresh%s; use on_interrupt: full for an exact resume", state.global_step,
+                           resumed["path"], "" if resumed["scheduler"] is not None
+                           else ", and so does the LR schedule (no scheduler.pt)")
+
+
+def _owner(name: str) -> int:
+    """The rank whose file of ``checkpoint-N`` this is: ``rng_state_<k>.pth`` is rank k's, the rest rank 0's."""
+    m = _RANK_FILE.match(name)
+    return int(m.group(1)) if m else 0
+
+
+def _hf_rng_state(args: TrainingArguments) -> dict[str, Any]:
+    """This rank's RNG states as ``transformers.Trainer._save_rng_state`` writes them (CPU, CUDA),
+    so HF's ``_load_rng_state`` restores them on resume."""
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = (torch.cuda.random.get_rng_state_all() if args.parallel_mode == ParallelMode.DISTRIBUTED
+                          else torch.cuda.random.get_rng_state())
+    return states
+
+
+def _sizes(root: str, names: Iterable[str]) -> dict[str, int]:
+    """``{path relative to root: bytes}`` of ``names`` in ``root``, folders walked."""
+    sizes = {}
+    for name in names:
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            sizes[name] = os.path.getsize(path)
+            continue
+        for base, _dirs, files in os.walk(path):
+            for file in files:
+                sizes[os.path.relpath(os.path.join(base, file), root)] = os.path.getsize(os.path.join(base, file))
+    return sizes
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -261,77 +387,142 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_manifest(directory: str, kind: str, step: int, world_size: int) -> None:
-    files = [os.path.relpath(os.path.join(base, name), directory)
-             for base, _dirs, names in os.walk(directory) for name in names]
-    write_manifest(directory, files, kind=kind, step=step, world_size=world_size, layout="transformers")
+# -- resume -------------------------------------------------------------------------------------
 
 
-def _warn_about_ray_report_callback(me: TrainerCallback) -> None:
-    # Callbacks are not told about each other; the CallbackHandler calling us holds the list.
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(4):
-        if frame is None:
-            return
-        handler = frame.f_locals.get("self")
-        callbacks = getattr(handler, "callbacks", None)
-        if isinstance(callbacks, list) and any(cb is me for cb in callbacks):
-            if any(c.__name__ == "RayTrainReportCallback" for cb in callbacks for c in type(cb).__mro__):
-                logger.warning("dyncheck: both DynamicCheckpointCallback and Ray's RayTrainReportCallback "
-                               "are installed: every save is reported twice. DynamicCheckpointCallback "
-                               "replaces it; remove RayTrainReportCallback")
-            return
-        frame = frame.f_back
+def _stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """:func:`~ray_dyncheck.state.read_manifest` of a stored checkpoint, over its filesystem: its
+    files' sizes are compared, nothing is downloaded. Raises ``ValueError`` when it is incomplete."""
+    file = posixpath.join(path, MANIFEST_FILE)
+    if fs.get_file_info(file).type == pafs.FileType.NotFound:
+        return None
+    manifest = json.loads(read_capped(fs, file))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {manifest.get('format_version')!r}; this "
+                         f"ray_dyncheck reads {FORMAT_VERSION}")
+    names = list(manifest["files"])
+    for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
+        if info.type != pafs.FileType.File or info.size != manifest["files"][name]:
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing or truncated")
+    return manifest
 
 
-def _finish_weights_resume(state: TrainerState, lr_scheduler: Any) -> None:
-    """After HF resumed from a weights-only checkpoint: HF restored the step and weights; restore the
-    LR schedule (HF loads it only together with an optimizer) and say the optimizer is fresh."""
-    if _resumed.get("kind") != "weights" or _resumed.get("step") != state.global_step:
-        return
-    path = os.path.join(_resumed["path"], SCHEDULER_FILE)
-    if lr_scheduler is not None and os.path.isfile(path):
-        lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
-    if state.is_world_process_zero:
-        logger.warning("dyncheck: resumed from a weights-only checkpoint at step %d: optimizer state "
-                       "starts fresh%s; use on_interrupt: full for an exact resume", state.global_step,
-                       "" if os.path.isfile(path) else ", and so does the LR schedule (no scheduler.pt)")
+def _choose(fs: pafs.FileSystem, paths: Iterable[str],
+            log: Callable[..., None] = logger.error) -> dict[str, Any] | None:
+    """Rank 0: the newest complete ``Trainer`` checkpoint of ``paths`` (newest first), checked over
+    ``fs`` without downloading it; ``None`` when there is none."""
+    for path in paths:
+        try:
+            manifest = _stored_manifest(fs, path)
+            if manifest is not None:
+                if TRAINER_STATE not in manifest["files"]:
+                    raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
+                subdir = None
+            elif fs.get_file_info(posixpath.join(path, TRAINER_STATE)).type == pafs.FileType.File:
+                subdir = None
+            elif fs.get_file_info(posixpath.join(path, RAY_LAYOUT_DIR, TRAINER_STATE)).type == pafs.FileType.File:
+                subdir = RAY_LAYOUT_DIR  # written by Ray's RayTrainReportCallback
+            else:
+                raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
+        except (OSError, ValueError) as exc:
+            log("dyncheck: skipping checkpoint %s: %s", path, exc)
+            continue
+        return {"path": path, "subdir": subdir, "manifest": manifest is not None,
+                "kind": manifest["kind"] if manifest else "full", "step": manifest["step"] if manifest else None}
+    return None
 
 
-def hf_resume_path(download_dir: str | None = None) -> str | None:
+def _weights_resume(backend: Backend, step: int) -> dict[str, Any] | None:
+    """Rank 0: ``{"path", "scheduler"}`` when the checkpoint :func:`hf_resume_path` chooses is a
+    weights-only one at ``step``, else ``None``."""
+    storage = backend.storage()
+    if storage is None:
+        return None
+    fs = storage[0]
+    choice = _choose(fs, backend.checkpoints(), log=logger.debug)  # logged once, by hf_resume_path
+    if choice is None or choice["kind"] != "weights" or choice["step"] != step:
+        return None
+    file = posixpath.join(choice["path"], SCHEDULER_FILE)
+    scheduler = None
+    if fs.get_file_info(file).type == pafs.FileType.File:
+        raw = read_capped(fs, file, MAX_SCHEDULER_BYTES)
+        scheduler = torch.load(io.BytesIO(raw), weights_only=True)
+    return {"path": choice["path"], "scheduler": scheduler}
+
+
+def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None = None,
+                   timeout_s: float = 1800.0) -> str | None:
     """The run's newest complete checkpoint as a local directory for
     ``Trainer.train(resume_from_checkpoint=...)``; ``None`` when the run has none (a fresh start).
 
-    Runs in a Ray Train worker, on every rank. Checkpoints on remote storage are downloaded into
-    ``download_dir`` (default: a new temporary directory). Also accepts checkpoints written by Ray's
-    ``RayTrainReportCallback`` (HF's files in a ``checkpoint/`` subfolder). A weights-only checkpoint
-    resumes at its step with a fresh optimizer; the callback restores its LR schedule and logs it.
+    Runs in a Ray Train worker, on **every** rank, before ``trainer.train``. Rank 0 chooses the
+    checkpoint: the newest whose manifest's files (every rank's) are all there; every rank then uses
+    that one, downloaded into ``download_dir`` (default: a new temporary directory) when the storage
+    is remote, and checks it. Also accepts checkpoints written by Ray's ``RayTrainReportCallback``
+    (HF's files in a ``checkpoint/`` subfolder). A weights-only checkpoint resumes at its step with a
+    fresh optimizer; the callback restores its LR schedule and logs it.
+
+    Args:
+        download_dir: Where remote checkpoints are downloaded to.
+        backend: Where the run's checkpoints are; default: the Ray Train run of this worker.
+        timeout_s: How long a rank waits for the others (their download included). The ranks talk over
+            a gloo group made for this call and destroyed after it; none at world size 1.
+
+    Raises:
+        CheckpointRestoreError: on every rank, with the same message, when any rank could not list,
+            download or check the checkpoint (no rank trains on from it).
     """
-    import ray.train
+    if backend is None:
+        from ._ray import RayBackend
 
-    from ._ray import newest_first
+        backend = RayBackend()
+    agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
+    try:
+        return _resume_path(backend, agreement, download_dir)
+    finally:
+        agreement.close()
 
-    for ckpt in newest_first():
-        if ckpt.filesystem is None or ckpt.filesystem.type_name == "local":
-            local = ckpt.path
-        else:
-            local = ckpt.to_directory(tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir))
+
+def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | None) -> str | None:
+    rank = agreement.rank
+    storage = backend.storage()
+    choice: Any = None
+    if rank == 0 and storage is not None:
         try:
-            manifest = read_manifest(local)
-        except ValueError as exc:
-            logger.error("dyncheck: skipping checkpoint: %s", exc)
-            continue
-        if manifest is None and os.path.isfile(os.path.join(local, CHECKPOINT_PREFIX, TRAINER_STATE)):
-            local = os.path.join(local, CHECKPOINT_PREFIX)  # Ray's RayTrainReportCallback layout
+            choice = _choose(storage[0], backend.checkpoints())
+        except Exception as exc:
+            logger.exception("dyncheck: could not list the run's checkpoints")
+            choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
+    choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+    if choice is None:
+        return None
+    if "error" in choice:
+        raise CheckpointRestoreError(choice["error"])
+    local, downloaded, error = None, None, None
+    try:
+        if storage is None:
+            raise ValueError("this rank sees no run storage")
+        fs = storage[0]
+        root = choice["path"]
+        if fs.type_name != "local":
+            root = downloaded = tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir)
+            pafs.copy_files(choice["path"], root, source_filesystem=fs)
+        if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
+            raise ValueError(f"{root} has no {MANIFEST_FILE}")
+        local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])
         if not os.path.isfile(os.path.join(local, TRAINER_STATE)):
-            logger.warning("dyncheck: checkpoint %s is not a Hugging Face Trainer checkpoint (no %s); "
-                           "skipping it", ckpt.path, TRAINER_STATE)
-            continue
-        kind = manifest["kind"] if manifest else "full"
-        step = manifest["step"] if manifest else None
-        _resumed.clear()
-        _resumed.update(path=local, kind=kind, step=step)
-        if ray.train.get_context().get_world_rank() == 0:
-            logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", kind, ckpt.path, step)
-        return local
-    return None
+            raise ValueError(f"{local} has no {TRAINER_STATE}")
+    except Exception as exc:
+        logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    errors = [e for e in agreement.all_gather(error) if e is not None]
+    if errors:
+        if downloaded is not None:
+            shutil.rmtree(downloaded, ignore_errors=True)
+        raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
+                                     f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
+                                     "or move that checkpoint aside to resume from an older one")
+    if rank == 0:
+        logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", choice["kind"], choice["path"],
+                    choice["step"])
+    return local

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import posixpath
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ContextManager
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 
-from ._core import Backend, OnDone, WorkerCore
+from ._channel import Request
+from ._core import Backend, WorkerCore
+from ._local import LocalBackend
 from .agree import Decision
 from .config import DynamicCheckpointConfig, load_config
-from .requests import RUN_MARKER, Request, resolve_run_dir, write_json
+from .errors import CheckpointRestoreError
 from .state import (
     CheckpointInfo,
     Stateful,
@@ -103,12 +103,17 @@ class DynamicCheckpoint:
     def __enter__(self) -> DynamicCheckpoint:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Left by an exception: the claims stay for a restarted worker group (or for rdc.fit).
+        self.close(clean=exc_type is None)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Wait for this rank's checkpoint uploads and receipts, then stop the poller."""
-        self._core.close(timeout)
+    def close(self, timeout: float | None = None, *, clean: bool = True) -> None:
+        """Wait until this rank's checkpoints are stored and their receipts final, then stop the poller.
+
+        ``clean`` (the loop ended normally): requests still pending or claimed get an ``unserved``
+        receipt; the ``with`` block passes ``clean=False`` when it is left by an exception.
+        """
+        self._core.close(timeout, clean=clean)
 
     # -- resume ------------------------------------------------------------------------------------
 
@@ -116,33 +121,71 @@ class DynamicCheckpoint:
         """Load the run's newest checkpoint into the model, optimizer, scheduler, RNG and
         ``extra_state``, and set :attr:`global_step`. Call on every rank, before training.
 
-        Returns ``None`` (state untouched) when the run has no checkpoint, or when the newest one was
-        not written by ray_dyncheck. An incomplete one is skipped for the newest complete one.
+        Rank 0 chooses the checkpoint (the newest complete one written by ray_dyncheck) and every rank
+        loads that one. Returns ``None`` (state untouched) when the run has no checkpoint, or when the
+        newest one was not written by ray_dyncheck.
+
+        Raises:
+            CheckpointRestoreError: on every rank, with the same message, when any rank failed.
         """
-        for i, opened in enumerate(self.backend.checkpoints()):
-            with opened as directory:
+        core = self._core
+        with contextlib.ExitStack() as stack:
+            choice: Any = None
+            if self.rank == 0:
                 try:
-                    manifest = read_manifest(directory)
-                except ValueError as exc:
-                    logger.error("dyncheck: skipping checkpoint: %s", exc)
-                    continue
-                if manifest is None:
-                    if i == 0:
-                        logger.warning("dyncheck: the newest checkpoint (%s) was not written by "
-                                       "ray_dyncheck; training state left as it is", directory)
-                        return None
-                    continue
+                    choice = self._choose(stack)
+                except Exception as exc:
+                    logger.exception("dyncheck: could not list the run's checkpoints")
+                    choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
+            choice = core.agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+            if choice is None:
+                return None
+            if "error" in choice:
+                raise CheckpointRestoreError(choice["error"])
+            info, error = None, None
+            try:
+                directory = (choice["local"] if self.rank == 0
+                             else stack.enter_context(self.backend.open(choice["path"])))
                 info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                        lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
                                        rank=self.rank)
-            self.global_step = info.step
-            self._core.start_at(info.step)
-            if self.rank == 0:
-                logger.info("dyncheck: resumed from %s checkpoint at step %d", info.kind, info.step)
-                if info.kind == "weights" and self.optimizer is not None:
-                    logger.warning("dyncheck: optimizer state starts fresh: the interrupt saved weights "
-                                   "only; use on_interrupt: full for an exact resume")
-            return info
+            except Exception as exc:
+                logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
+                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        errors = [e for e in core.agreement.all_gather(error) if e is not None]
+        if errors or info is None:
+            raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
+                                         f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the "
+                                         "cause, or move that checkpoint aside to resume from an older one")
+        self.global_step = info.step
+        core.start_at(info.step)
+        if self.rank == 0:
+            logger.info("dyncheck: resumed from %s checkpoint at step %d (%s)", info.kind, info.step, choice["path"])
+            if info.kind == "weights" and self.optimizer is not None:
+                logger.warning("dyncheck: optimizer state starts fresh: the interrupt saved weights "
+                               "only; use on_interrupt: full for an exact resume")
+        return info
+
+    def _choose(self, stack: contextlib.ExitStack) -> dict[str, Any] | None:
+        """Rank 0: the newest complete checkpoint of ours, kept open in ``stack`` for rank 0's load."""
+        for i, path in enumerate(self.backend.checkpoints()):
+            inner = contextlib.ExitStack()
+            try:
+                directory = inner.enter_context(self.backend.open(path))
+                manifest = read_manifest(directory)
+            except Exception as exc:  # a torn or unreadable checkpoint: try the one before it
+                inner.close()
+                logger.error("dyncheck: skipping checkpoint %s: %s", path, exc)
+                continue
+            if manifest is None:
+                inner.close()
+                if i == 0:
+                    logger.warning("dyncheck: the newest checkpoint (%s) was not written by "
+                                   "ray_dyncheck; training state left as it is", path)
+                    return None
+                continue
+            stack.enter_context(inner)
+            return {"path": path, "local": directory}
         return None
 
     # -- the per-step call -------------------------------------------------------------------------
@@ -196,86 +239,17 @@ class DynamicCheckpoint:
             if errors:
                 error = "; ".join(errors)
             else:
-                directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
                 try:
+                    directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
                     write_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                      lr_scheduler=self.lr_scheduler, step=step, kind=kind,
                                      rank_states=states)  # type: ignore[arg-type]
                 except Exception as exc:
                     logger.exception("dyncheck: writing the %s checkpoint at step %d failed", kind, step)
                     error = f"rank 0: {type(exc).__name__}: {exc}"
-                    shutil.rmtree(directory, ignore_errors=True)
+                    if directory is not None:
+                        shutil.rmtree(directory, ignore_errors=True)
                     directory = None
         # Every rank reports, also when the write failed (then nobody passes a checkpoint).
         self._core.report(step=step, kind=kind, reason=reason, requests=requests, directory=directory,
                           error=error, metrics=metrics, t0=t0)
-
-
-class LocalBackend:
-    """Checkpoints in a run directory on any ``pyarrow.fs`` filesystem, without Ray.
-
-    For plain ``torch.distributed`` scripts (and the GPU check). Rank 0 writes ``<run>/<name>/``
-    synchronously and leaves the run-start marker that makes older requests stale.
-
-    Args:
-        run_dir: Local path or URI of the run directory.
-    """
-
-    merges_rank_dirs = False
-
-    def __init__(self, run_dir: str, *, filesystem: pafs.FileSystem | None = None) -> None:
-        self.fs, self.run_dir = resolve_run_dir(run_dir, filesystem)
-        self.rank, self.world_size = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if self.rank == 0:
-            self.fs.create_dir(self.run_dir, recursive=True)
-            with self.fs.open_output_stream(posixpath.join(self.run_dir, RUN_MARKER)):
-                pass
-
-    def storage(self) -> tuple[pafs.FileSystem, str]:
-        return self.fs, self.run_dir
-
-    def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
-               metadata: dict[str, Any], on_done: OnDone) -> None:
-        if directory is None:
-            return
-        if self.rank != 0:  # only rank 0's directory is stored here
-            shutil.rmtree(directory, ignore_errors=True)
-            on_done(None, None)
-            return
-        dest = posixpath.join(self.run_dir, name)
-        try:
-            write_json(pafs.LocalFileSystem(), posixpath.join(directory, ".metadata.json"), metadata)
-            # Locally: copy beside it, then rename, so the final name is never half-written.
-            staging = posixpath.join(self.run_dir, f".tmp-{name}") if self.fs.type_name == "local" else dest
-            self.fs.create_dir(staging, recursive=True)
-            pafs.copy_files(directory, staging, destination_filesystem=self.fs)
-            if staging != dest:
-                self.fs.move(staging, dest)
-        except Exception as exc:
-            on_done(None, exc)
-            raise
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        on_done(dest, None)
-
-    def checkpoints(self) -> Iterator[ContextManager[str]]:
-        sel = pafs.FileSelector(self.run_dir, allow_not_found=True)
-        dirs = [i for i in self.fs.get_file_info(sel)
-                if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-        for info in sorted(dirs, key=lambda i: i.base_name, reverse=True):
-            yield self._open(info.path)
-
-    @contextlib.contextmanager
-    def _open(self, path: str) -> Iterator[str]:
-        if self.fs.type_name == "local":
-            yield path
-            return
-        tmp = tempfile.mkdtemp(prefix="dyncheck-restore-")
-        try:
-            pafs.copy_files(path, tmp, source_filesystem=self.fs)
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-

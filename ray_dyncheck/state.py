@@ -194,11 +194,16 @@ def write_checkpoint(
     return write_manifest(directory, files, kind=kind, step=step, world_size=len(rank_states))
 
 
-def write_manifest(directory: str, files: Sequence[str], *, kind: str, step: int, world_size: int,
-                   **extra: Any) -> dict[str, int]:
+def write_manifest(directory: str, files: Sequence[str] | Mapping[str, int], *, kind: str, step: int,
+                   world_size: int, **extra: Any) -> dict[str, int]:
     """Write the manifest of ``files`` (paths relative to ``directory``): the last file of a
-    checkpoint, so :func:`read_manifest` can tell a complete one. Returns ``{file: bytes}``."""
-    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in files}
+    checkpoint, so :func:`read_manifest` can tell a complete one. Returns ``{file: bytes}``.
+
+    ``files`` may be ``{file: bytes}``: sizes as given, for files that other ranks store into the
+    same checkpoint and that are therefore not in ``directory``.
+    """
+    sizes = (dict(files) if isinstance(files, Mapping)
+             else {name: os.path.getsize(os.path.join(directory, name)) for name in files})
     manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "world_size": world_size,
                 **extra, "files": sizes}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:

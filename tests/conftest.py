@@ -26,6 +26,7 @@ def ray_local():
     import ray
     import ray.cloudpickle
 
+    import faultfs
     import hf_workloads
     import ray_workloads
 
@@ -34,6 +35,7 @@ def ray_local():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.cloudpickle.register_pickle_by_value(ray_workloads)
     ray.cloudpickle.register_pickle_by_value(hf_workloads)
+    ray.cloudpickle.register_pickle_by_value(faultfs)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     try:
         yield ray

@@ -87,7 +87,104 @@ def _act(run_dir: str, action: str) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{body['id']}.json"), "w") as f:
             json.dump(body, f)
+    elif action.startswith("raw:"):  # any bytes under any name in the request folder
+        _, name, hexbody = action.split(":", 2)
+        folder = os.path.join(run_dir, ".dyncheck", "requests")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(bytes.fromhex(hexbody))
+    elif action.startswith("symlink:"):  # a request file that points outside the run directory
+        _, name, target = action.split(":", 2)
+        folder = os.path.join(run_dir, ".dyncheck", "requests")
+        os.makedirs(folder, exist_ok=True)
+        os.symlink(target, os.path.join(folder, name))
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
     else:
         raise ValueError(action)
+
+
+class _State:
+    """A user's extra_state whose state_dict fails (``raise``) or holds a type ``torch.load(weights_only=True)``
+    refuses (``unsafe``) while ``mode`` is set."""
+
+    def __init__(self, mode: str | None) -> None:
+        self.mode, self.n = mode, 0
+
+    def state_dict(self) -> dict:
+        if self.mode == "raise":
+            raise RuntimeError("data loader state unavailable")
+        return {"n": self.n, **({"bad": object()} if self.mode == "unsafe" else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def fault_worker(rank: int, world_size: int, port: int, run_dir: str, plan: str, out: str, case: dict) -> None:
+    """Train with the hook on a fault-injecting filesystem; rank 0 asks for saves while the faults are
+    on (step 3), clears them (``clear_at``), then asks again (``later_at``)."""
+    import logging
+    import tempfile
+
+    from faultfs import fault_fs, set_plan
+
+    logging.basicConfig(level=logging.INFO)
+    _init(rank, world_size, port)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = _State(case.get("state_mode") if rank == case.get("state_rank") else None)
+    if rank == 0 and case.get("bad_tmpdir"):
+        tempfile.tempdir = os.path.join(out, "no-such-dir")
+    steps, clear_at, later_at = case.get("steps", 70), case.get("clear_at", 20), case.get("later_at", 25)
+    cfg = {"check_interval": 5, "poll_interval_s": 0.05, "collective_timeout_s": 30}
+    dc = rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, extra_state={"data": state},
+                               backend=rdc.LocalBackend(run_dir, filesystem=fault_fs(plan)))
+    for step in range(steps):
+        if rank == 0 and step == 3:
+            _act(run_dir, "touch")
+            _act(run_dir, 'request:{"id": "r1", "kind": "weights"}')
+        if step == clear_at:
+            state.mode = None
+            if rank == 0:
+                set_plan(plan, [])
+                tempfile.tempdir = None
+        if rank == 0 and step == later_at:
+            _act(run_dir, 'request:{"id": "later"}')
+            # Until the poller has claimed it (a fault may have held the poller): then the next check
+            # serves it, whatever the machine's speed.
+            deadline = time.time() + 30
+            while os.path.exists(os.path.join(run_dir, ".dyncheck", "requests", "later.json")) and \
+                    time.time() < deadline:
+                time.sleep(0.02)
+        loss = model(torch.ones(2, 4)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        time.sleep(0.02)
+        dc.step()
+    dc.close()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"final_step": dc.global_step, "saves": dc.saves}, f)
+    dist.destroy_process_group()
+
+
+def restore_worker(rank: int, world_size: int, port: int, run_dir: str, plan: str, out: str) -> None:
+    """Save once, then restore on every rank through the fault-injecting filesystem."""
+    from faultfs import fault_fs
+
+    _init(rank, world_size, port)
+    model = torch.nn.Linear(4, 1)
+    backend = rdc.LocalBackend(run_dir, filesystem=fault_fs(plan))
+    with rdc.DynamicCheckpoint({"enabled": False, "collective_timeout_s": 30}, model=model, backend=backend) as dc:
+        dc.save()
+    record: dict = {}
+    dc2 = rdc.DynamicCheckpoint({"enabled": False, "collective_timeout_s": 30}, model=model, backend=backend)
+    try:
+        record["restored"] = dc2.restore().step
+    except rdc.CheckpointRestoreError as exc:
+        record["error"] = str(exc)
+    dc2.close()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()

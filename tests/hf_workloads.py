@@ -53,6 +53,14 @@ def make_actions_callback(config: dict, run_dir: str, rank: int):
             self.record["begin_step"] = state.global_step
             self.record["begin_lr"] = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.save_only_model:  # the user's value is False in these runs
+                self.record.setdefault("save_only_model_while_training", []).append(state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            # After DynamicCheckpointCallback's on_save: the user's value, also after a weights-only save.
+            self.record.setdefault("save_only_model_on_save", []).append(args.save_only_model)
+
         def on_step_end(self, args, state, control, **kwargs):
             time.sleep(config.get("step_time", 0.0))
             self.record["steps"].append([state.global_step, bool(control.should_save),
@@ -63,6 +71,7 @@ def make_actions_callback(config: dict, run_dir: str, rank: int):
 
         def on_train_end(self, args, state, control, **kwargs):
             self.record["final_step"] = state.global_step
+            self.record["save_only_model_at_end"] = args.save_only_model
 
     return Actions()
 
@@ -133,7 +142,15 @@ def train_fn(config: dict) -> None:
 
 
 def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
-    """HF Trainer under plain torch.distributed (no Ray) with LocalBackend: what torchrun users get."""
+    """HF Trainer under plain torch.distributed (no Ray) with LocalBackend: what torchrun users get.
+
+    Three trainings of up to 6 steps, one run directory. ``first``: a touch after step 1 (a full save
+    at 2), a weights request with stop after step 2 (a weights save at 4, then it stops). ``weights``:
+    resumes with ``hf_resume_path`` (the weights checkpoint). ``damaged``: rank 0 deletes rank 1's RNG
+    file from that checkpoint first, so ``hf_resume_path`` must choose the full one. Then rank 1 looks
+    for the checkpoints through a filesystem that does not hold them.
+    """
+    import logging
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -144,20 +161,46 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
-    args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=4, per_device_train_batch_size=4,
-                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-                             ddp_find_unused_parameters=False)
-    actions = make_actions_callback({"actions": {"1": ["touch"]}}, run_dir, rank)
-    callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05},
-                                             backend=rdc.LocalBackend(run_dir))
-    import logging
-
     errors: list[str] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("ray_dyncheck").addHandler(handler)
-    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, actions]).train()
-    actions.record["errors"] = errors
+
+    def train(phase: str, actions: dict, resume: bool) -> dict:
+        args = TrainingArguments(output_dir=os.path.join(out, phase), max_steps=6, per_device_train_batch_size=4,
+                                 save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                                 ddp_find_unused_parameters=False)
+        backend = rdc.LocalBackend(run_dir)
+        path = rdc.hf_resume_path(backend=backend) if resume else None
+        recorder = make_actions_callback({"actions": actions}, run_dir, rank)
+        callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05}, backend=backend)
+        Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=[callback, recorder]).train(
+            resume_from_checkpoint=path)
+        return recorder.record | {"saves": [s["step"] for s in callback.saves], "resumed_from": path,
+                                  "save_only_model": args.save_only_model}
+
+    records = {"first": train("first", {"1": ["touch"], "2": ['request:{"id": "w", "kind": "weights", '
+                                                              '"stop": true}']}, resume=False)}
+    records["weights"] = train("weights", {}, resume=True)
+    if rank == 0:
+        newest = next(rdc.LocalBackend(run_dir).checkpoints())
+        os.remove(os.path.join(newest, "rng_state_1.pth"))
+    dist.barrier()
+    records["damaged"] = train("damaged", {}, resume=True)
+    records["errors"] = list(errors)
+    # Rank 1 cannot reach the checkpoint rank 0 chose (as a node that does not see rank 0's disk):
+    # every rank raises, with the same message.
+    if rank == 0:
+        backend = rdc.LocalBackend(run_dir)
+    else:
+        import pyarrow.fs as pafs
+
+        elsewhere = pafs.SubTreeFileSystem(os.path.join(out, "elsewhere"), pafs.LocalFileSystem())
+        backend = rdc.LocalBackend(run_dir, filesystem=elsewhere)
+    try:
+        records["unreachable"] = rdc.hf_resume_path(backend=backend)
+    except rdc.CheckpointRestoreError as exc:
+        records["unreachable"] = str(exc)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(actions.record | {"saves": [s["step"] for s in callback.saves]}, f)
+        json.dump(records, f)
     dist.destroy_process_group()

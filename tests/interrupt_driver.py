@@ -1,6 +1,9 @@
 """A driver script for the interrupt tests: local Ray, TorchTrainer, ``rdc.fit``. Run as a process.
 
-    python tests/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps]
+    python tests/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps] [extra JSON]
+
+``extra``: ``{"plan": PATH}`` stores the run on ``faultfs.fault_fs(PATH)``; ``{"actions": {step: [...]}}``
+adds rank 0's actions (see ``ray_workloads.act``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ray.cloudpickle  # noqa: E402
 from ray.train import RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
+import faultfs  # noqa: E402
 import ray_dyncheck as rdc  # noqa: E402
 import ray_workloads  # noqa: E402
 
@@ -26,7 +30,11 @@ def main() -> int:
     storage, name, out, ready = sys.argv[1:5]
     dc = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     steps = int(sys.argv[6]) if len(sys.argv) > 6 else 100_000
+    extra = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
     ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray.cloudpickle.register_pickle_by_value(faultfs)  # the controller and workers get the class too
+    actions = {"3": [f"ready:{ready}"], **extra.get("actions", {})}
+    fs = faultfs.fault_fs(extra["plan"]) if "plan" in extra else None
     if os.environ.get("RAY_ADDRESS"):  # a job under `ray job submit`: join its cluster
         ray.init()
     else:
@@ -34,9 +42,9 @@ def main() -> int:
     trainer = TorchTrainer(
         ray_workloads.train_fn,
         train_loop_config={"steps": steps, "step_time": 0.02, "dynamic_checkpoint": dc, "out": out,
-                           "actions": {"3": [f"ready:{ready}"]}},
+                           "actions": actions},
         scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(name=name, storage_path=storage),
+        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=fs),
     )
     result = rdc.fit(trainer)
     print(f"fit returned; latest checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import torch
@@ -30,6 +31,10 @@ def train_fn(config: dict) -> None:
     rank = ctx.get_world_rank()
     storage = ctx.get_storage()
     run_dir = storage.experiment_fs_path
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"pid{rank}"), "w") as f:  # for tests that kill a worker by pid
+        f.write(str(os.getpid()))
     torch.manual_seed(0)
     model = prepare_model(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -39,10 +44,13 @@ def train_fn(config: dict) -> None:
                                lr_scheduler=sched) as dc:
         info = dc.restore()
         start = dc.global_step
+        if rank == 0:  # every (re)start of the group, in order
+            with open(os.path.join(out, "starts.log"), "a") as f:
+                f.write(f"{start}\n")
         while dc.global_step < config["steps"]:
             if rank == 0:
                 for action in config.get("actions", {}).get(str(dc.global_step), []):
-                    act(run_dir, action)
+                    act(run_dir, action, out)
             x, y = batch_for(dc.global_step, rank)
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
@@ -58,8 +66,6 @@ def train_fn(config: dict) -> None:
                 checks.append([dc.global_step, decision.save, decision.kind, decision.stop])
             if dc.should_stop:
                 break
-    out = config["out"]
-    os.makedirs(out, exist_ok=True)
     record = {"rank": rank, "start": start, "final_step": dc.global_step, "checks": checks,
               "restored": None if info is None else [info.step, info.kind]}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -69,9 +75,19 @@ def train_fn(config: dict) -> None:
         torch.save({k: v.clone() for k, v in inner.state_dict().items()}, os.path.join(out, "final.pt"))
 
 
-def act(run_dir: str, action: str) -> None:
-    """What a user does from outside, done by rank 0 at a known step (real files in the run dir)."""
+def act(run_dir: str, action: str, out: str = "") -> None:
+    """What a user does from outside, done by rank 0 at a known step (real files in the run dir).
+
+    ``once:<name>:<action>`` acts only the first time: a restarted group replays the steps since its
+    checkpoint, and a fault must not be injected again.
+    """
     trigger = os.path.join(run_dir, "dyncheck.save")
+    if action.startswith("once:"):
+        _, name, action = action.split(":", 2)
+        marker = os.path.join(out, f"once-{name}")
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
     if action == "touch":
         open(trigger, "a").close()
     elif action == "mkdir_trigger":
@@ -88,5 +104,26 @@ def act(run_dir: str, action: str) -> None:
         open(action.split(":", 1)[1], "a").close()
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("wait_claimed"):  # until rank 0's poller has claimed it (wait_claimed:<id>)
+        folder = os.path.join(run_dir, ".dyncheck", "claimed")
+        rid = action.partition(":")[2]
+        deadline = time.time() + 30
+        while time.time() < deadline and not (os.path.isdir(folder) and any(
+                n.startswith(rid) and not n.startswith(".") for n in os.listdir(folder))):
+            time.sleep(0.05)
+    elif action.startswith("fault:"):  # faults for this process only (gone after a restart): faultfs's plan
+        rules = [dict(r, pid=os.getpid()) for r in json.loads(action.split(":", 1)[1])]
+        plan = os.path.join(out, "plan.json")
+        with open(f"{plan}.tmp", "w") as f:
+            json.dump(rules, f)
+        os.replace(f"{plan}.tmp", plan)
+    elif action.startswith("tmpdir:"):
+        import tempfile
+
+        tempfile.tempdir = action.split(":", 1)[1] or None
+    elif action == "kill_rank1":
+        os.kill(int(open(os.path.join(out, "pid1")).read()), signal.SIGKILL)
+    elif action == "kill_self":
+        os.kill(os.getpid(), signal.SIGKILL)
     else:
         raise ValueError(action)

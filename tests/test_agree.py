@@ -29,7 +29,7 @@ def test_trigger_decision_reaches_every_rank(tmp_path, world_size):
     [save] = res[0]["saves"]
     assert save["step"] == 15 and save["reason"] == "trigger" and save["path"].endswith(save["name"])
     ckpt = os.path.join(run_dir, save["name"])
-    assert sorted(os.listdir(ckpt)) == [".metadata.json", "dyncheck.json", "model.safetensors",
+    assert sorted(os.listdir(ckpt)) == [".dyncheck-committed", ".metadata.json", "dyncheck.json", "model.safetensors",
                                         "optimizer.pt", "trainer_state.pt"]
     meta = json.load(open(os.path.join(ckpt, ".metadata.json")))
     assert (meta["kind"], meta["step"], meta["reason"], meta["format_version"]) == ("full", 15, "trigger", 1)

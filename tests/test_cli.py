@@ -68,13 +68,25 @@ def test_status_table_and_json(live):
     assert table.returncode == 0
     lines = table.stdout.splitlines()
     assert lines[0] == f"run {run}: 1 checkpoint(s)"
-    assert lines[1].split() == ["DIR", "KIND", "STEP", "REASON", "TIME", "SIZE"]
+    assert lines[1].split() == ["DIR", "KIND", "STEP", "REASON", "TIME", "SIZE", "STATE"]
     assert lines[2].split()[1:4][0] == "weights" and lines[2].split()[3] == "request"
+    assert lines[2].split()[-1] == "committed"
     assert lines[-1] == "pending requests: none"
     data = json.loads(cli("status", run, "--json").stdout)
     [ckpt] = data["checkpoints"]
     assert (ckpt["kind"], ckpt["reason"]) == ("weights", "request") and ckpt["size"] > 0
     assert [r["status"] for r in data["receipts"]] == ["ok"]
+    # A writer killed halfway leaves a torn directory; one never committed is marked too.
+    import shutil
+
+    src = run / ckpt["dir"]
+    shutil.copytree(src, run / "checkpoint_x_torn")
+    with open(run / "checkpoint_x_torn" / "model.safetensors", "r+b") as f:
+        f.truncate(5)
+    shutil.copytree(src, run / "checkpoint_y_uncommitted")
+    os.remove(run / "checkpoint_y_uncommitted" / ".dyncheck-committed")
+    states = {c["dir"]: c["state"] for c in json.loads(cli("status", run, "--json").stdout)["checkpoints"]}
+    assert states == {ckpt["dir"]: "committed", "checkpoint_x_torn": "torn", "checkpoint_y_uncommitted": "uncommitted"}
 
 
 def test_two_requests_at_one_check_share_a_checkpoint_with_two_receipts(tmp_path):

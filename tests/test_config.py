@@ -22,7 +22,8 @@ micro_batch_size: 2
 
 def test_public_names():
     assert sorted(ray_dyncheck.__all__) == [
-        "Backend", "CheckpointInfo", "Decision", "DynamicCheckpoint", "DynamicCheckpointConfig",
+        "Backend", "CheckpointInfo", "CheckpointRestoreError", "CheckpointUploadError", "Decision",
+        "DynamicCheckpoint", "DynamicCheckpointConfig",
         "LocalBackend", "Request", "RunNotFoundError", "Stateful", "fit", "load_config", "request_save",
         "run_status",
     ]
@@ -88,8 +89,11 @@ def test_load_config_accepts_all_shapes(tmp_path):
         ({"poll_interval_s": 0}, "dynamic_checkpoint.poll_interval_s: got 0;"),
         ({"check_intervall": 5, "enable": True},
          "unknown dynamic_checkpoint key(s): check_intervall, enable; valid keys are check_interval, "
-         "enabled, interrupt_grace_s, max_check_overhead, on_interrupt, poll_interval_s, save_steps, signals, "
-         "trigger_file_path"),
+         "collective_timeout_s, commit_timeout_s, enabled, interrupt_grace_s, max_check_overhead, "
+         "max_save_attempts, on_interrupt, poll_interval_s, save_steps, signals, trigger_file_path"),
+        ({"collective_timeout_s": 0}, "dynamic_checkpoint.collective_timeout_s: got 0; set it to a number of "
+         "seconds > 0"),
+        ({"max_save_attempts": 0}, "dynamic_checkpoint.max_save_attempts: got 0; set it to an integer >= 1"),
         ({"on_interrupt": "pause"},
          "dynamic_checkpoint.on_interrupt: got 'pause'; set it to 'weights', 'full' or 'none'"),
         ({"interrupt_grace_s": -1}, "dynamic_checkpoint.interrupt_grace_s: got -1; set it to a number of seconds > 0"),

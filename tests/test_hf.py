@@ -20,7 +20,8 @@ STEPS = 20
 HF_FILES = {".metadata.json", "config.json", "dyncheck.json", "generation_config.json", "model.safetensors",
             "trainer_state.json", "training_args.bin"}
 FULL_FILES = HF_FILES | {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"}
-WEIGHTS_FILES = HF_FILES | {"scheduler.pt"}
+# HF's save_only_model writes no RNG state; the callback adds every rank's.
+WEIGHTS_FILES = HF_FILES | {"scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"}
 
 
 def make_trainer(storage, name, out, *, steps=STEPS, dc=None, actions=None, step_time=0.0, **extra):
@@ -78,6 +79,10 @@ def test_trigger_request_and_schedule(baseline):
         assert set(os.listdir(path)) == FULL_FILES, path
     # The weights-only save switched save_only_model on for that save only: step 20 is full again.
     assert set(os.listdir(p15)) == WEIGHTS_FILES
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(json.load(open(os.path.join(p15, "dyncheck.json")))["files"])
+    for r in (r0, r1):  # the user's args, as they set them, whenever they can look
+        assert r["save_only_model_on_save"] == [False] * 4 and r["save_only_model_at_end"] is False
+        assert "save_only_model_while_training" not in r
     for step, path in ((5, p5), (10, p10), (15, p15), (20, p20)):
         assert json.load(open(os.path.join(path, "trainer_state.json")))["global_step"] == step
         assert json.load(open(os.path.join(path, "dyncheck.json")))["layout"] == "transformers"
@@ -118,12 +123,13 @@ def test_stop_request_then_resume_matches_the_uninterrupted_run(baseline, tmp_pa
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-def test_interrupt_saves_weights_that_from_pretrained_loads_then_resumes(ray_local, tmp_path):
+def test_interrupt_saves_weights_that_from_pretrained_loads_and_resume_skips_an_incomplete_one(ray_local, tmp_path):
     import ray_dyncheck as rdc
 
     storage, ready = tmp_path / "results", tmp_path / "ready"
-    trainer = make_trainer(storage, "intr", tmp_path / "a", steps=200, step_time=0.05,
-                           actions={"3": [f"ready:{ready}"]}, save_strategy="no")
+    actions = {"1": ['request:{"id": "w-5", "kind": "weights"}'], "6": [f"ready:{ready}"]}
+    trainer = make_trainer(storage, "intr", tmp_path / "a", steps=200, step_time=0.05, actions=actions,
+                           save_strategy="no")
 
     def interrupt():
         deadline = time.monotonic() + 240
@@ -134,12 +140,13 @@ def test_interrupt_saves_weights_that_from_pretrained_loads_then_resumes(ray_loc
     threading.Thread(target=interrupt, daemon=True).start()
     result = rdc.fit(trainer, raise_on_interrupt=False)
     first = records(tmp_path / "a")
-    ckpts = reported(result)
-    assert len(ckpts) == 1
-    step, meta, path = ckpts[0]
+    (early, early_meta, early_path), (step, meta, path) = reported(result)
+    assert (early, early_meta["kind"], early_meta["reason"]) == (5, "weights", "request")
     assert (meta["kind"], meta["reason"]) == ("weights", "interrupt")
-    assert 3 < step < 200 and first[0]["final_step"] == first[1]["final_step"] == step
-    assert set(os.listdir(path)) == WEIGHTS_FILES
+    assert 6 < step < 200 and first[0]["final_step"] == first[1]["final_step"] == step
+    for p in (early_path, path):
+        assert set(os.listdir(p)) == WEIGHTS_FILES
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(json.load(open(os.path.join(p, "dyncheck.json")))["files"])
 
     from transformers import AutoModelForCausalLM
 
@@ -147,11 +154,13 @@ def test_interrupt_saves_weights_that_from_pretrained_loads_then_resumes(ray_loc
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "still tied"
     assert not torch.equal(model.model.embed_tokens.weight, _initial_embeddings()), "trained weights"
 
+    os.remove(os.path.join(path, "rng_state_1.pth"))  # as if rank 1's share had been lost
     result = make_trainer(storage, "intr", tmp_path / "b", steps=200, save_strategy="no").fit()
     second = records(tmp_path / "b")
-    assert [r["begin_step"] for r in second] == [step, step]
+    # The newest checkpoint lacks a file its manifest lists: every rank resumes from the one before.
+    assert [r["begin_step"] for r in second] == [5, 5]
     # The LR schedule continues where it was (linear, 2 warm-up steps), although the optimizer is fresh.
-    assert second[0]["begin_lr"] == pytest.approx(5e-3 * (200 - step) / (200 - 2))
+    assert second[0]["begin_lr"] == second[1]["begin_lr"] == pytest.approx(5e-3 * (200 - 5) / (200 - 2))
     assert second[0]["final_step"] == 200
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,9 @@ def test_epoch_save_on_a_triggered_step_saves_once(tmp_path):
 
 
 def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
-    """save_strategy="best" re-decides should_save after each evaluation: a triggered save at a step
-    whose evaluation is not a new best is not lost, it happens one step later."""
+    """save_strategy="best" re-decides should_save after each evaluation: a requested save at a step
+    whose evaluation is not a new best is not lost, it happens one step later; meanwhile the user's
+    save_only_model is theirs again."""
     from transformers import Trainer
 
     run_dir, backend = local_run(tmp_path)
@@ -107,14 +109,24 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
     args = hf_args(tmp_path, max_steps=6, save_strategy="best", eval_strategy="steps", eval_steps=2,
                    metric_for_best_model="loss", greater_is_better=True)
     callback = rdc.DynamicCheckpointCallback({"check_interval": 4, "poll_interval_s": 0.05}, backend=backend)
+    recorder = make_actions_callback({"actions": {"1": ['request:{"id": "w", "kind": "weights"}']}}, str(run_dir),
+                                     rank=0)
     Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
-            callbacks=[callback, touch_at_step_1(run_dir)]).train()
-    assert [(s["step"], s["reason"]) for s in callback.saves] == [(2, "schedule"), (5, "trigger")]
+            callbacks=[callback, recorder]).train()
+    assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
+        (2, "full", "schedule"), (5, "weights", "request")]
     receipts = list((run_dir / ".dyncheck" / "receipts").glob("*.json"))
     assert [json.loads(p.read_text())["step"] for p in receipts] == [5]
+    # save_only_model was on for HF's saves at the ends of steps 4 and 5 only, never while training.
+    assert "save_only_model_while_training" not in recorder.record
+    assert recorder.record["save_only_model_on_save"] == [False, False] and args.save_only_model is False
+    # At world size 1 HF names the RNG file rng_state.pth; save_only_model left it out, the callback did not.
+    manifest = json.loads((Path(callback.saves[1]["path"]) / "dyncheck.json").read_text())
+    assert {"rng_state.pth", "scheduler.pt", "model.safetensors"} <= set(manifest["files"])
+    assert "optimizer.pt" not in manifest["files"]
 
 
-def test_two_ranks_without_ray_store_one_checkpoint_with_both_rng_states(tmp_path):
+def test_two_ranks_without_ray_keep_every_rank_state_and_resume_from_the_newest_complete_one(tmp_path):
     from gloo_workers import run_ranks
     from hf_workloads import gloo_worker
 
@@ -123,25 +135,39 @@ def test_two_ranks_without_ray_store_one_checkpoint_with_both_rng_states(tmp_pat
     time.sleep(0.05)
     run_ranks(gloo_worker, 2, str(run_dir), str(out))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
-    assert r0["steps"] == r1["steps"] and r0["saves"] == [2]
-    assert r0["errors"] == r1["errors"] == [], "no rank waits for an upload that never comes"
-    [ckpt] = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]
+    first = r0["first"]
+    assert first["steps"] == r1["first"]["steps"] and first["saves"] == [2, 4] and first["final_step"] == 4
+    full, weights = sorted((p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")), key=lambda p: p.name)
+    assert (full.name.split("_")[2], weights.name.split("_")[2]) == ("full", "weights")
     # LocalBackend stores rank 0's directory only: with a shared output_dir it holds every rank's file.
-    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= set(os.listdir(ckpt))
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= set(os.listdir(full))
+    # A weights-only save (HF's save_only_model writes no RNG state) keeps every rank's RNG state, and
+    # its manifest lists each of them.
+    manifest = json.loads((weights / "dyncheck.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "model.safetensors"} <= set(manifest["files"])
+    assert "optimizer.pt" not in manifest["files"] and manifest["kind"] == "weights"
+    # The user's TrainingArguments are theirs again after each save (changed for HF's save only).
+    for r in (r0, r1):
+        assert r["first"]["save_only_model_on_save"] == [False, False]
+        assert r["first"]["save_only_model"] is False and r["first"]["save_only_model_at_end"] is False
 
+    # Resumed from the weights checkpoint at step 4, the same one on every rank: the LR schedule is
+    # where it was (linear over 6 steps from 5e-5; a fresh one would start at 5e-5).
+    assert [r["weights"]["resumed_from"] for r in (r0, r1)] == [str(weights)] * 2
+    assert [r["weights"]["begin_step"] for r in (r0, r1)] == [4, 4]
+    assert r0["weights"]["begin_lr"] == r1["weights"]["begin_lr"] == pytest.approx(5e-5 * 2 / 6)
+    assert r0["weights"]["final_step"] == 6
 
-def test_warns_when_rays_report_callback_is_installed_too(tmp_path, caplog):
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-    from transformers import Trainer
+    # With rank 1's RNG file deleted from it, resume skips it (the manifest lists it) for the full one.
+    assert [r["damaged"]["resumed_from"] for r in (r0, r1)] == [str(full)] * 2
+    assert [r["damaged"]["begin_step"] for r in (r0, r1)] == [2, 2]
+    assert r0["errors"] == [f"dyncheck: skipping checkpoint {weights}: checkpoint {weights} is incomplete: "
+                            "rng_state_1.pth is missing or truncated"]
+    assert r1["errors"] == [], "no rank waits for an upload that never comes"
 
-    callback = rdc.DynamicCheckpointCallback({"enabled": False}, backend=rdc.LocalBackend(str(tmp_path / "run")))
-    trainer = Trainer(model=tiny_llama(), args=hf_args(tmp_path, max_steps=1), train_dataset=Sequences(),
-                      callbacks=[callback, RayTrainReportCallback()])
-    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
-        trainer.train()  # nothing is saved, so Ray's callback never reports (it needs a Ray worker)
-    assert [r.getMessage() for r in caplog.records] == [
-        "dyncheck: both DynamicCheckpointCallback and Ray's RayTrainReportCallback are installed: every save "
-        "is reported twice. DynamicCheckpointCallback replaces it; remove RayTrainReportCallback"]
+    # A rank that cannot get the checkpoint rank 0 chose: no rank resumes, each says why, identically.
+    assert r0["unreachable"] == r1["unreachable"]
+    assert r0["unreachable"].startswith(f"resuming from {full} failed on 1 rank(s): rank 1: FileNotFoundError: ")
 
 
 def test_torch_hook_refuses_an_hf_checkpoint_with_the_fix(tmp_path):

@@ -97,8 +97,14 @@ def test_restore_skips_incomplete_and_refuses_foreign(tmp_path, caplog):
     assert info is not None and info.step == 3 and dc2.global_step == 3
     assert fresh_counter.n == 2
     assert "is incomplete: model.safetensors is missing or truncated" in caplog.text
-    # A newer checkpoint someone else wrote: say so, touch nothing.
+    # A torn one (never committed: no marker) is not even listed.
+    os.makedirs(tmp_path / "run" / "checkpoint_99999998_torn")
+    (tmp_path / "run" / "checkpoint_99999998_torn" / "model.safetensors").write_bytes(b"half")
+    assert make(tmp_path, {"enabled": False})[0].restore().step == 3
+    # A newer committed checkpoint someone else wrote: say so, touch nothing.
     os.makedirs(tmp_path / "run" / "checkpoint_99999999_theirs" / "weights")
+    (tmp_path / "run" / "checkpoint_99999999_theirs" / ".dyncheck-committed").write_text(
+        json.dumps({"time": time.time() + 10}))
     dc3, model3 = make(tmp_path, {"enabled": False})
     before = [p.clone() for p in model3.parameters()]
     with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):

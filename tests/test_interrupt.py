@@ -22,13 +22,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KILLED_BY_SIGINT = (-signal.SIGINT, 130)
 
 
-def start_driver(tmp_path, dc=None, steps=100_000):
+def start_driver(tmp_path, dc=None, steps=100_000, extra=None):
     ready = tmp_path / "ready"
     log = open(tmp_path / "driver.log", "w")
     env = dict(os.environ, RAY_TRAIN_COLLECTIVE_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "interrupt_driver.py"), str(tmp_path / "results"), "run",
-         str(tmp_path / "out"), str(ready), json.dumps(dc or {}), str(steps)],
+         str(tmp_path / "out"), str(ready), json.dumps(dc or {}), str(steps), json.dumps(extra or {})],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, ready
 

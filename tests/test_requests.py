@@ -10,7 +10,9 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from ray_dyncheck.requests import RUN_MARKER, RequestChannel, RequestPoller, parse_body
+from ray_dyncheck._channel import RequestChannel, parse_body
+from ray_dyncheck._files import RUN_MARKER
+from ray_dyncheck._poller import RequestPoller
 
 
 @pytest.fixture
@@ -210,3 +212,110 @@ def test_trigger_on_another_filesystem_is_claimed_by_identity(tmp_path, run):
     assert receipts(run)[req.id]["status"] == "ok"
     outside.touch()
     assert len(ch.poll()) == 1
+
+
+def test_a_claim_whose_read_fails_is_picked_up_at_the_next_poll(tmp_path, run):
+    from faultfs import fault_fs, hits, set_plan
+
+    plan = tmp_path / "plan.json"
+    set_plan(plan, [{"op": "open_input_stream", "path": ".dyncheck/claimed", "action": "raise", "times": 1}])
+    ch = RequestChannel(fault_fs(plan), str(run), "dyncheck.save")
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "r1.json").write_text('{"kind": "weights"}')
+    assert ch.poll() == [], "moved to claimed/, then the read failed"
+    assert len(hits(plan)) == 1 and (run / ".dyncheck" / "claimed" / "r1.json").exists()
+    [req] = ch.poll()
+    assert (req.id, req.kind) == ("r1", "weights"), "not lost: the rescan found the claim"
+    assert ch.poll() == [], "and only once"
+
+
+def test_a_save_that_keeps_killing_the_workers_gets_an_error_receipt(run):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "r1.json").write_text("{}")
+    [req] = channel(run).poll()
+    channel(run).mark_attempt([req])  # the save started; the workers died (a restart follows)
+    [again] = channel(run).poll()
+    assert (again.id, again.attempts) == ("r1", 1)
+    channel(run).mark_attempt([again])  # died again
+    assert channel(run).poll() == [], "not a third try"
+    got = receipts(run)["r1"]
+    assert (got["status"], got["attempts"]) == ("error", 2)
+    assert "started 2 times" in got["error"]
+    assert list((run / ".dyncheck" / "claimed").iterdir()) == []
+
+
+def test_a_recovered_claim_that_was_answered_is_retired_not_saved_again(run):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "r1.json").write_text("{}")
+    [req] = channel(run).poll()
+    channel(run).write_receipt({"id": "r1", "status": "ok", "step": 4})  # then the worker died
+    assert channel(run).poll() == []
+    assert list((run / ".dyncheck" / "claimed").iterdir()) == []
+    assert receipts(run)["r1"]["step"] == 4
+
+
+def test_retire_removes_the_attempt_marks(run):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "r1.json").write_text("{}")
+    ch = channel(run)
+    [req] = ch.poll()
+    ch.mark_attempt([req])
+    ch.retire([req], {"status": "ok"})
+    assert list((run / ".dyncheck" / "claimed").iterdir()) == []
+
+
+def test_poller_close_answers_what_training_never_served(run):
+    from ray_dyncheck._channel import answer_leftovers
+
+    poller = RequestPoller(channel(run), interval_s=0.05).start()
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "early.json").write_text("{}")
+    deadline = time.time() + 10
+    while not poller.has_pending() and time.time() < deadline:
+        time.sleep(0.02)
+    (folder / "late.json").write_text("{}")  # written just before the end: claimed by the last poll
+    poller.close(timeout=5, unserved=(42, "training ended"))
+    got = receipts(run)
+    assert {k: (v["status"], v["step"]) for k, v in got.items()} == {"early": ("unserved", 42),
+                                                                       "late": ("unserved", 42)}
+    # After the run: whatever is still there (no hook left to read it) is answered by the driver.
+    (folder / "after.json").write_text("{}")
+    assert answer_leftovers(pafs.LocalFileSystem(), str(run), "the run ended") == ["after"]
+    assert receipts(run)["after"]["status"] == "unserved"
+    assert receipts(run)["early"]["step"] == 42, "a final receipt is never rewritten"
+    assert os.listdir(folder) == []
+
+
+def test_a_receipt_that_cannot_be_written_never_starves_new_claims(tmp_path, run):
+    from faultfs import fault_fs, set_plan
+
+    plan = tmp_path / "plan.json"
+    set_plan(plan, [{"op": "open_output_stream", "path": ".dyncheck/receipts", "action": "raise"}])
+    poller = RequestPoller(RequestChannel(fault_fs(plan), str(run), "dyncheck.save"), interval_s=0.05).start()
+    try:
+        folder = run / ".dyncheck" / "requests"
+        folder.mkdir(parents=True)
+        (folder / "r1.json").write_text("{}")
+        deadline = time.time() + 10
+        got: list = []
+        while not got and time.time() < deadline:
+            got = poller.take()
+            time.sleep(0.02)
+        poller.complete(got, {"status": "ok", "step": 1})  # cannot be written while the fault lasts
+        (folder / "r2.json").write_text("{}")
+        later: list = []
+        while not later and time.time() < deadline:
+            later = poller.take()
+            time.sleep(0.02)
+        assert [r.id for r in later] == ["r2"], "claims go on while a receipt keeps failing"
+        assert not poller.flush(0.3), "the failed receipt is still queued, not dropped"
+        set_plan(plan, [])
+        assert poller.flush(5.0)
+        assert receipts(run)["r1"]["step"] == 1
+    finally:
+        poller.close(timeout=5)

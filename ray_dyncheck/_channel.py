@@ -1,0 +1,368 @@
+"""The request channel: the trigger file and the request folder of a run directory, claims and
+receipts (layout in :mod:`ray_dyncheck._files`). Used from rank 0's poller thread only.
+
+A request is claimed (moved into ``claimed/``) before it is acted on, so a new ``touch`` during a save
+is a new request; it is retired (receipt written, claim deleted) only once it has its final answer.
+Claims survive storage errors and worker restarts: whatever sits in ``claimed/`` and is not in hand
+is picked up again. A request older than the run's start marker is stale: discarded with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ._files import (
+    CLAIMED,
+    FINAL_STATUSES,
+    ID_RE,
+    RECEIPTS,
+    REQUESTS,
+    RUN_MARKER,
+    ErrorLog,
+    Request,
+    delete_quietly,
+    guard,
+    new_id,
+    parse_body,
+    read_capped,
+    read_json,
+    utc_now,
+    write_json,
+)
+
+__all__ = ["Request", "RequestChannel", "parse_body"]
+
+logger = logging.getLogger(__name__)
+
+_ATTEMPT_RE = re.compile(r"^(.+)\.attempt(\d+)$")
+
+
+class RequestChannel:
+    """Reads, claims and retires requests in one run directory. Used from rank 0's poller thread.
+
+    Args:
+        fs: The run's filesystem (Ray's ``storage_filesystem``).
+        run_dir: The run directory on ``fs``.
+        trigger_file_path: From the config: relative to ``run_dir``, or absolute, or a URI.
+        max_attempts: A claim whose save was started this many times without an answer (each time
+            the workers died) gets an error receipt instead of another try.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, run_dir: str, trigger_file_path: str, *, max_attempts: int = 2) -> None:
+        self.fs = fs
+        self.run_dir = run_dir.rstrip("/")
+        self.max_attempts = max_attempts
+        if "://" in trigger_file_path:
+            self.trigger_fs, self.trigger = pafs.FileSystem.from_uri(trigger_file_path)
+            self._trigger_on_run_fs = False
+        elif posixpath.isabs(trigger_file_path):
+            # An absolute path is a path on this machine, unless the run lives here too.
+            local = fs.type_name == "local"
+            self.trigger_fs = fs if local else pafs.LocalFileSystem()
+            self.trigger = posixpath.normpath(trigger_file_path)
+            self._trigger_on_run_fs = local
+        else:
+            self.trigger_fs = fs
+            self.trigger = posixpath.normpath(f"{self.run_dir}/{trigger_file_path}")
+            self._trigger_on_run_fs = True
+        self._marker: float | None = None
+        # Claims in hand (handed out, not yet retired). Anything else in claimed/ is picked up again
+        # by a rescan: on the first poll (a worker restart) and after any pass that had an error.
+        self._known: set[str] = set()
+        self._rescan = True
+        # Versions of triggers that could not be moved away: acted on once, never again.
+        self._acted: dict[str, tuple[Any, ...]] = {}
+        self._warned: set[str] = set()
+        self._errors = ErrorLog()
+        self._ok = True
+
+    def path(self, sub: str, name: str = "") -> str:
+        return posixpath.join(self.run_dir, sub, name) if name else posixpath.join(self.run_dir, sub)
+
+    def _marker_mtime(self) -> float | None:
+        if self._marker is None:
+            info = self.fs.get_file_info(posixpath.join(self.run_dir, RUN_MARKER))
+            if info.type == pafs.FileType.File and info.mtime is not None:
+                self._marker = info.mtime.timestamp()
+        return self._marker
+
+    def _is_stale(self, info: pafs.FileInfo, on_run_fs: bool = True) -> bool:
+        marker = self._marker_mtime()
+        # Compared on the storage's own clock; equal times (coarse clocks, e.g. 1 s on S3) are kept.
+        return bool(on_run_fs and marker is not None and info.mtime is not None
+                    and info.mtime.timestamp() < marker)
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def poll(self) -> list[Request]:
+        """Claim everything new: leftover claims (after a restart or an error), the trigger, the folder.
+
+        Every file is handled on its own: one that fails (logged, at most once a minute per message)
+        never drops what was already claimed; its claim is picked up by the rescan of the next poll.
+        """
+        self._ok = True
+        found: list[Request] = []
+        if self._rescan:
+            found += self._guard("read claimed requests", self._recover_claimed) or []
+        trig = self._guard("read the trigger", self._poll_trigger)
+        if trig is not None:
+            found.append(trig)
+        found += self._guard("read requests", self._poll_folder) or []
+        self._rescan = not self._ok
+        self._known.update(r.path for r in found if r.path is not None)
+        return found
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        out, ok = guard(self._errors, what, self.run_dir, fn, *args)
+        self._ok = self._ok and ok
+        return out
+
+    def _recover_claimed(self) -> list[Request]:
+        """Claimed, not in hand and not answered: pending again (a restart keeps requests)."""
+        infos = self._list(CLAIMED)
+        attempts: dict[str, list[str]] = {}
+        for info in infos:
+            m = _ATTEMPT_RE.match(info.base_name)
+            if m:
+                attempts.setdefault(m.group(1), []).append(info.path)
+        out = []
+        claims = set()
+        for info in infos:
+            stem, _, ext = info.base_name.rpartition(".")
+            if ext not in ("json", "trigger") or info.path in self._known:
+                continue
+            claims.add(stem)
+            marks = attempts.get(stem, [])
+            req, ok = guard(self._errors, "read a claimed request", self.run_dir, self._recover_one, info, stem,
+                            ext, len(marks))
+            self._ok = self._ok and ok
+            if req is None:
+                if ok:  # answered: its attempt marks go with it (unreadable for now: tried again)
+                    for mark in marks:
+                        delete_quietly(self.fs, mark)
+                continue
+            out.append(req)
+        in_hand = {posixpath.basename(p).rpartition(".")[0] for p in self._known}
+        for stem, marks in attempts.items():
+            if stem not in claims and stem not in in_hand:
+                for mark in marks:  # a claim retired before its marks were removed
+                    delete_quietly(self.fs, mark)
+        if out:
+            logger.warning("dyncheck: %d request(s) claimed earlier and not yet answered are pending again: %s",
+                           len(out), ", ".join(r.id for r in out))
+        return out
+
+    def _recover_one(self, info: pafs.FileInfo, stem: str, ext: str, attempts: int) -> Request | None:
+        if self._is_stale(info):
+            self._discard(info.path, stem if ext == "json" else None, "claimed before this run started")
+            return None
+        receipt = self._receipt(stem)
+        if receipt is not None and receipt.get("status") in FINAL_STATUSES:
+            logger.info("dyncheck: claim %s already has its final receipt (%s); retiring it", stem,
+                        receipt["status"])
+            delete_quietly(self.fs, info.path)
+            return None
+        if ext == "trigger":
+            req: Request | None = Request(id=stem, source="trigger", path=info.path, attempts=attempts)
+        else:
+            req = self._read_request(info.path, stem)
+            req = replace(req, attempts=attempts) if req is not None else None
+        if req is not None and attempts >= self.max_attempts:
+            why = (f"its save was started {attempts} times and each time the workers died before it was "
+                   "stored (out of memory?); not trying again")
+            logger.error("dyncheck: request %s: %s", stem, why)
+            self.write_receipt({"id": stem, "status": "error", "error": why, "attempts": attempts,
+                                "source": req.source, "requested_kind": req.kind, "stop": req.stop})
+            delete_quietly(self.fs, info.path)
+            return None
+        return req
+
+    def _receipt(self, rid: str) -> dict[str, Any] | None:
+        """The receipt written for ``rid``, or ``None``. A storage error raises: the caller must not
+        take "cannot read" for "not answered" (that would save an answered request again)."""
+        try:
+            raw = read_capped(self.fs, self.path(RECEIPTS, f"{rid}.json"))
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _poll_trigger(self) -> Request | None:
+        fs, path = self.trigger_fs, self.trigger
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            self._acted.pop(path, None)
+            return None
+        identity = (info.type, info.mtime, info.size)
+        if self._acted.get(path) == identity:
+            return None
+        if self._is_stale(info, self._trigger_on_run_fs):
+            logger.warning("dyncheck: ignoring trigger %s: it was written before this run started "
+                           "(touch it again to save)", path)
+            self._retire_or_remember(fs, path, identity)
+            return None
+        rid = new_id("trigger")
+        if info.type == pafs.FileType.File and self._trigger_on_run_fs:
+            dest = self.path(CLAIMED, f"{rid}.trigger")
+            try:
+                fs.create_dir(self.path(CLAIMED), recursive=True)
+                fs.move(path, dest)
+                return Request(id=rid, source="trigger", path=dest)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                reason = f"it cannot be moved ({exc})"
+        elif info.type == pafs.FileType.File:
+            # On another filesystem it cannot be moved into claimed/: claim this version by identity.
+            self._acted[path] = identity
+            return Request(id=rid, source="trigger", path=None, identity=identity)
+        else:
+            reason = "it is a directory, not a file"
+        self._acted[path] = identity
+        logger.error("dyncheck: trigger %s is acted on once but %s; it will not fire again until it "
+                     "changes. Remove it so the next touch creates a fresh trigger.", path, reason)
+        return Request(id=rid, source="trigger", path=None, identity=identity)
+
+    def _poll_folder(self) -> list[Request]:
+        out = []
+        for info in self._list(REQUESTS):
+            req = self._guard("claim a request", self._claim_one, info)
+            if req is not None:
+                out.append(req)
+        return out
+
+    def _claim_one(self, info: pafs.FileInfo) -> Request | None:
+        name = info.base_name
+        if name.startswith(".") or info.type != pafs.FileType.File:
+            return None
+        stem = name[:-5] if name.endswith(".json") else name
+        if not ID_RE.match(stem) or not name.endswith(".json"):
+            self._warn_once(info.path, "dyncheck: ignoring %s: request files are named <id>.json with "
+                            "letters, digits, '.', '_' or '-' in the id", info.path)
+            return None
+        if self._is_stale(info):
+            self._discard(info.path, stem, "written before this run started")
+            return None
+        dest = self.path(CLAIMED, name)
+        try:
+            self.fs.create_dir(self.path(CLAIMED), recursive=True)
+            self.fs.move(info.path, dest)
+        except FileNotFoundError:
+            return None
+        # Claimed from here on: if reading it fails, the rescan of the next poll picks it up.
+        self._known.discard(dest)
+        return self._read_request(dest, stem)
+
+    def _read_request(self, path: str, stem: str) -> Request | None:
+        try:
+            return replace(parse_body(read_capped(self.fs, path, what="request body"), stem), path=path)
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            logger.error("dyncheck: rejected request %s: %s", stem, exc)
+            self.write_receipt({"id": stem, "status": "rejected", "error": str(exc)})
+            delete_quietly(self.fs, path)
+            return None
+
+    def _discard(self, path: str, rid: str | None, why: str) -> None:
+        logger.warning("dyncheck: discarding request %s: %s", path, why)
+        if rid is not None:
+            self.write_receipt({"id": rid, "status": "discarded", "error": why})
+        delete_quietly(self.fs, path)
+
+    def _retire_or_remember(self, fs: pafs.FileSystem, path: str, identity: tuple[Any, ...]) -> None:
+        try:
+            fs.delete_file(path)
+        except OSError as exc:
+            self._acted[path] = identity
+            logger.error("dyncheck: cannot remove %s (%s); it will be ignored until it changes", path, exc)
+
+    # -- answering ------------------------------------------------------------------------------
+
+    def mark_attempt(self, requests: Sequence[Request]) -> None:
+        """A save for these claims starts: one more attempt each (an empty file next to the claim)."""
+        for req in requests:
+            if req.path is not None:
+                with self.fs.open_output_stream(f"{req.path.rsplit('.', 1)[0]}.attempt{req.attempts + 1}"):
+                    pass
+
+    def retire(self, requests: Sequence[Request], receipt: dict[str, Any], written: set[str] | None = None) -> None:
+        """Write one final receipt per request, then delete its claim (and attempt marks).
+
+        ``written`` holds the ids whose receipt is already written (a retry after a failed delete):
+        a receipt is written once, never rewritten. Raises if a claim could not be deleted, after
+        trying all of them, so the caller retries the deletions.
+        """
+        written = set() if written is None else written
+        failed: list[str] = []
+        for req in requests:
+            if req.id not in written:
+                self.write_receipt({**receipt, "id": req.id, "source": req.source,
+                                    "requested_kind": req.kind, "stop": req.stop})
+                written.add(req.id)
+            if req.path is not None:
+                stem = req.path.rsplit(".", 1)[0]
+                # Earlier attempts and this one; the claim itself last, so nothing is orphaned.
+                for path in [f"{stem}.attempt{n}" for n in range(1, req.attempts + 2)] + [req.path]:
+                    try:
+                        self.fs.delete_file(path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        failed.append(f"{path}: {exc}")
+                if not failed:
+                    self._known.discard(req.path)
+            elif req.source == "trigger" and req.identity:
+                # Not moved at claim time: remove it only if it is still the version we acted on.
+                info = self.trigger_fs.get_file_info(self.trigger)
+                if info.type == pafs.FileType.File and (info.type, info.mtime, info.size) == req.identity:
+                    self._retire_or_remember(self.trigger_fs, self.trigger, req.identity)
+        if failed:
+            raise OSError(f"cannot delete answered claim(s): {'; '.join(failed)}")
+
+    def write_receipt(self, receipt: dict[str, Any]) -> None:
+        receipt.setdefault("time", utc_now())
+        write_json(self.fs, self.path(RECEIPTS, f"{receipt['id']}.json"), receipt)
+
+    def _list(self, sub: str) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(sub), allow_not_found=True)
+        return sorted(self.fs.get_file_info(sel), key=lambda i: (i.mtime or 0, i.path))
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+
+def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
+    """After a run has ended: every request still waiting or claimed gets an ``unserved`` receipt
+    (unless it already has a final one) and is removed. Returns the ids answered. Any process."""
+    answered = []
+    for sub in (REQUESTS, CLAIMED):
+        sel = pafs.FileSelector(posixpath.join(run_dir, sub), allow_not_found=True)
+        for info in fs.get_file_info(sel):
+            stem, _, ext = info.base_name.rpartition(".")
+            if info.type != pafs.FileType.File or info.base_name.startswith("."):
+                continue
+            if ext not in ("json", "trigger"):
+                if _ATTEMPT_RE.match(info.base_name):
+                    delete_quietly(fs, info.path)
+                continue
+            receipt_path = posixpath.join(run_dir, RECEIPTS, f"{stem}.json")
+            old = read_json(fs, receipt_path)
+            if old is None or old.get("status") not in FINAL_STATUSES:
+                write_json(fs, receipt_path, {"id": stem, "status": "unserved", "error": why, "time": utc_now()})
+                answered.append(stem)
+            delete_quietly(fs, info.path)
+    return answered

@@ -1,0 +1,200 @@
+"""Files in a run directory: its layout, small JSON files (one size cap for everything we read back
+from storage), request bodies (data only), and the one guard that turns a storage error into a
+rate-limited log line.
+
+Layout of a run directory ``RUN = <storage_path>/<name>/`` (any ``pyarrow.fs`` filesystem)::
+
+    RUN/dyncheck.save                   the trigger: any file there asks for one full checkpoint
+    RUN/.dyncheck/requests/<id>.json    {"id", "kind": "full"|"weights"|"none", "stop": bool}
+    RUN/.dyncheck/claimed/<id>.*        claimed, not yet answered (survive a worker restart);
+                                        <id>.attempt<N> marks the N-th save started for it
+    RUN/.dyncheck/receipts/<id>.json    what became of each request (one final receipt)
+
+Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import pyarrow.fs as pafs
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_DIR = ".dyncheck"
+REQUESTS = f"{CHANNEL_DIR}/requests"
+CLAIMED = f"{CHANNEL_DIR}/claimed"
+RECEIPTS = f"{CHANNEL_DIR}/receipts"
+# Written by Ray Train when a run's storage is set up, i.e. once per `fit()` (not on a worker
+# restart inside one fit): requests older than it were written before this run started.
+RUN_MARKER = ".validate_storage_marker"
+# Everything read back from storage (request bodies, receipts, manifests, metadata) is small data.
+MAX_JSON_BYTES = 64 * 1024
+FINAL_STATUSES = ("ok", "error", "rejected", "discarded", "unserved")
+
+T = TypeVar("T")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def resolve_run_dir(run: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a run directory given as a local path or a URI."""
+    if filesystem is not None:
+        return filesystem, run
+    if "://" in run:
+        fs, path = pafs.FileSystem.from_uri(run)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), posixpath.normpath(run)
+
+
+def read_capped(fs: pafs.FileSystem, path: str, cap: int = MAX_JSON_BYTES, what: str | None = None) -> bytes:
+    """A small file's bytes. Raises ``ValueError`` (naming ``what``, default the file name) when it is
+    larger than ``cap``; storage errors (``OSError``, ``FileNotFoundError``) propagate."""
+    with fs.open_input_stream(path) as f:
+        raw = f.read(cap + 1)
+    if len(raw) > cap:
+        size = fs.get_file_info(path).size
+        raise ValueError(f"{what or posixpath.basename(path)} is {size if size is not None else len(raw)} bytes; "
+                         f"the limit is {cap}")
+    return raw
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """A small JSON object's contents; ``None`` if it is missing, unreadable, too big or not an object."""
+    try:
+        data = json.loads(read_capped(fs, path).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_json_large(fs: pafs.FileSystem, path: str, cap: int = 64 * 1024 * 1024) -> dict[str, Any] | None:
+    """Like :func:`read_json` for a file another program writes that grows with the run (Ray's
+    checkpoint registry): capped at 64 MiB."""
+    try:
+        data = json.loads(read_capped(fs, path, cap).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:
+    """Write JSON so readers never see half a file: temp + rename locally, one PUT elsewhere."""
+    blob = json.dumps(data, indent=1, sort_keys=True).encode("utf-8")
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if fs.type_name == "local":
+        tmp = f"{posixpath.dirname(path)}/.tmp-{secrets.token_hex(4)}-{posixpath.basename(path)}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(blob)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(blob)
+
+
+def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    """Delete a file; a missing one is fine, any other error is logged (never raised)."""
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.error("dyncheck: cannot delete %s: %s", path, exc)
+
+
+class ErrorLog:
+    """Logs each distinct storage error at most once a minute: a hung NFS or an S3 outage must not
+    flood the logs, and training goes on."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, every_s: float = 60.0) -> None:
+        self._clock, self._every_s = clock, every_s
+        self._last: dict[str, float] = {}
+
+    def log(self, what: str, where: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        if now - self._last.get(msg, -1e18) >= self._every_s:
+            self._last[msg] = now
+            logger.error("dyncheck: cannot %s in %s: %s (retrying; training goes on)", what, where, msg)
+
+
+def guard(errors: ErrorLog, what: str, where: str, fn: Callable[..., T], *args: Any) -> tuple[T | None, bool]:
+    """``(fn(*args), True)``, or ``(None, False)`` after logging the error (rate-limited).
+
+    The one place a storage error is turned into "nothing this time": it must never reach the
+    training loop or make rank 0 skip a collective.
+    """
+    try:
+        return fn(*args), True
+    except Exception as exc:  # storage errors of every kind: logged, retried by the caller
+        errors.log(what, where, exc)
+        return None, False
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+KINDS = ("full", "weights", "none")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One claimed request: what was asked for and where its claimed file now sits."""
+
+    id: str
+    kind: str = "full"
+    stop: bool = False
+    source: str = "request"
+    """``trigger`` (the trigger file), ``request`` (the request folder) or ``interrupt`` (the driver)."""
+    path: str | None = None
+    """The claimed file to delete on retirement; ``None`` when it could not be moved."""
+    identity: tuple[Any, ...] = field(default=(), compare=False)
+    attempts: int = 0
+    """Saves already started for it (and not finished: the workers died during them)."""
+
+
+def parse_body(raw: bytes, stem: str) -> Request:
+    """Parse a request file's bytes (data only, size-capped). Raises ``ValueError`` saying why."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"request body is {len(raw)} bytes; the limit is {MAX_JSON_BYTES}")
+    body: Any = {}
+    if raw.strip():
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"id", "kind", "stop", "time", "source"})
+    if unknown:
+        raise ValueError(f"unknown request field(s): {', '.join(unknown)}")
+    rid = body.get("id", stem)
+    if not isinstance(rid, str) or rid != stem:
+        raise ValueError(f"request id {rid!r} does not match its file name {stem!r}.json")
+    kind = body.get("kind", "full")
+    if kind not in KINDS:
+        raise ValueError(f"request kind must be 'full', 'weights' or 'none', got {kind!r}")
+    stop = body.get("stop", False)
+    if not isinstance(stop, bool):
+        raise ValueError(f"request stop must be true or false, got {stop!r}")
+    if kind == "none" and not stop:
+        raise ValueError("request kind 'none' (no save) only makes sense with stop: true")
+    source = body.get("source", "request")
+    if source not in ("request", "interrupt"):
+        raise ValueError(f"request source must be 'request' or 'interrupt', got {source!r}")
+    return Request(id=rid, kind=kind, stop=stop, source=source)
