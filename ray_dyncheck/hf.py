@@ -14,32 +14,26 @@ Example (inside ``train_loop_per_worker``)::
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
-import posixpath
 import random
 import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from ._channel import Request
 from ._core import Backend, WorkerCore
-from ._files import read_capped
-from .agree import Agreement
+from ._hf_resume import SCHEDULER_FILE, hf_resume_path, weights_resume
 from .config import DynamicCheckpointConfig, load_config
-from .errors import CheckpointRestoreError
-from .state import FORMAT_VERSION, MANIFEST_FILE, read_manifest, write_manifest
+from .state import write_manifest
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -55,11 +49,7 @@ __all__ = ["DynamicCheckpointCallback", "hf_resume_path"]
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-TRAINER_STATE = "trainer_state.json"
-SCHEDULER_FILE = "scheduler.pt"
 STAGING_DIR = ".dyncheck-staging"
-RAY_LAYOUT_DIR = "checkpoint"  # Ray's RayTrainReportCallback puts HF's files in this subfolder
-MAX_SCHEDULER_BYTES = 64 * 1024 * 1024
 _RANK_FILE = re.compile(r"^rng_state_(\d+)\.pth$")
 
 
@@ -328,7 +318,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         resumed: Any = None
         if core.rank == 0 and state.global_step > 0:
             try:
-                resumed = _weights_resume(core.backend, state.global_step)
+                resumed = weights_resume(core.backend, state.global_step)
             except Exception:
                 logger.exception("dyncheck: could not tell whether Trainer resumed from a weights-only "
                                  "checkpoint; if it did, the LR schedule starts over")
@@ -385,144 +375,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)  # same filesystem: no copy of a multi-GB model
     except OSError:
         shutil.copy2(src, dst)
-
-
-# -- resume -------------------------------------------------------------------------------------
-
-
-def _stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """:func:`~ray_dyncheck.state.read_manifest` of a stored checkpoint, over its filesystem: its
-    files' sizes are compared, nothing is downloaded. Raises ``ValueError`` when it is incomplete."""
-    file = posixpath.join(path, MANIFEST_FILE)
-    if fs.get_file_info(file).type == pafs.FileType.NotFound:
-        return None
-    manifest = json.loads(read_capped(fs, file))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {manifest.get('format_version')!r}; this "
-                         f"ray_dyncheck reads {FORMAT_VERSION}")
-    names = list(manifest["files"])
-    for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
-        if info.type != pafs.FileType.File or info.size != manifest["files"][name]:
-            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing or truncated")
-    return manifest
-
-
-def _choose(fs: pafs.FileSystem, paths: Iterable[str],
-            log: Callable[..., None] = logger.error) -> dict[str, Any] | None:
-    """Rank 0: the newest complete ``Trainer`` checkpoint of ``paths`` (newest first), checked over
-    ``fs`` without downloading it; ``None`` when there is none."""
-    for path in paths:
-        try:
-            manifest = _stored_manifest(fs, path)
-            if manifest is not None:
-                if TRAINER_STATE not in manifest["files"]:
-                    raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
-                subdir = None
-            elif fs.get_file_info(posixpath.join(path, TRAINER_STATE)).type == pafs.FileType.File:
-                subdir = None
-            elif fs.get_file_info(posixpath.join(path, RAY_LAYOUT_DIR, TRAINER_STATE)).type == pafs.FileType.File:
-                subdir = RAY_LAYOUT_DIR  # written by Ray's RayTrainReportCallback
-            else:
-                raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
-        except (OSError, ValueError) as exc:
-            log("dyncheck: skipping checkpoint %s: %s", path, exc)
-            continue
-        return {"path": path, "subdir": subdir, "manifest": manifest is not None,
-                "kind": manifest["kind"] if manifest else "full", "step": manifest["step"] if manifest else None}
-    return None
-
-
-def _weights_resume(backend: Backend, step: int) -> dict[str, Any] | None:
-    """Rank 0: ``{"path", "scheduler"}`` when the checkpoint :func:`hf_resume_path` chooses is a
-    weights-only one at ``step``, else ``None``."""
-    storage = backend.storage()
-    if storage is None:
-        return None
-    fs = storage[0]
-    choice = _choose(fs, backend.checkpoints(), log=logger.debug)  # logged once, by hf_resume_path
-    if choice is None or choice["kind"] != "weights" or choice["step"] != step:
-        return None
-    file = posixpath.join(choice["path"], SCHEDULER_FILE)
-    scheduler = None
-    if fs.get_file_info(file).type == pafs.FileType.File:
-        raw = read_capped(fs, file, MAX_SCHEDULER_BYTES)
-        scheduler = torch.load(io.BytesIO(raw), weights_only=True)
-    return {"path": choice["path"], "scheduler": scheduler}
-
-
-def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None = None,
-                   timeout_s: float = 1800.0) -> str | None:
-    """The run's newest complete checkpoint as a local directory for
-    ``Trainer.train(resume_from_checkpoint=...)``; ``None`` when the run has none (a fresh start).
-
-    Runs in a Ray Train worker, on **every** rank, before ``trainer.train``. Rank 0 chooses the
-    checkpoint: the newest whose manifest's files (every rank's) are all there; every rank then uses
-    that one, downloaded into ``download_dir`` (default: a new temporary directory) when the storage
-    is remote, and checks it. Also accepts checkpoints written by Ray's ``RayTrainReportCallback``
-    (HF's files in a ``checkpoint/`` subfolder). A weights-only checkpoint resumes at its step with a
-    fresh optimizer; the callback restores its LR schedule and logs it.
-
-    Args:
-        download_dir: Where remote checkpoints are downloaded to.
-        backend: Where the run's checkpoints are; default: the Ray Train run of this worker.
-        timeout_s: How long a rank waits for the others (their download included). The ranks talk over
-            a gloo group made for this call and destroyed after it; none at world size 1.
-
-    Raises:
-        CheckpointRestoreError: on every rank, with the same message, when any rank could not list,
-            download or check the checkpoint (no rank trains on from it).
-    """
-    if backend is None:
-        from ._ray import RayBackend
-
-        backend = RayBackend()
-    agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
-    try:
-        return _resume_path(backend, agreement, download_dir)
-    finally:
-        agreement.close()
-
-
-def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | None) -> str | None:
-    rank = agreement.rank
-    storage = backend.storage()
-    choice: Any = None
-    if rank == 0 and storage is not None:
-        try:
-            choice = _choose(storage[0], backend.checkpoints())
-        except Exception as exc:
-            logger.exception("dyncheck: could not list the run's checkpoints")
-            choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
-    choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
-    if choice is None:
-        return None
-    if "error" in choice:
-        raise CheckpointRestoreError(choice["error"])
-    local, downloaded, error = None, None, None
-    try:
-        if storage is None:
-            raise ValueError("this rank sees no run storage")
-        fs = storage[0]
-        root = choice["path"]
-        if fs.type_name != "local":
-            root = downloaded = tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir)
-            pafs.copy_files(choice["path"], root, source_filesystem=fs)
-        if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
-            raise ValueError(f"{root} has no {MANIFEST_FILE}")
-        local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])
-        if not os.path.isfile(os.path.join(local, TRAINER_STATE)):
-            raise ValueError(f"{local} has no {TRAINER_STATE}")
-    except Exception as exc:
-        logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
-    errors = [e for e in agreement.all_gather(error) if e is not None]
-    if errors:
-        if downloaded is not None:
-            shutil.rmtree(downloaded, ignore_errors=True)
-        raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
-                                     f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
-                                     "or move that checkpoint aside to resume from an older one")
-    if rank == 0:
-        logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", choice["kind"], choice["path"],
-                    choice["step"])
-    return local
