@@ -135,3 +135,20 @@ def test_bad_run_and_timeout(tmp_path):
     rdc.LocalBackend(str(tmp_path / "idle"))  # a run with no job watching it
     out = cli("save", tmp_path / "idle", "--wait", "--timeout", 1)
     assert out.returncode == 2 and "no receipt for request req-" in out.stderr
+
+
+def test_save_wait_gets_an_answer_when_the_run_ends_before_a_check(tmp_path):
+    # check_interval far beyond the run: the request is claimed but never reaches a check. When the
+    # loop ends, it gets an "unserved" receipt, so `save --wait` returns instead of timing out.
+    trainer = Trainer(tmp_path / "run", check_interval=100_000)
+    waiter = subprocess.Popen([CLI, "save", str(tmp_path / "run"), "--wait", "--timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pending = tmp_path / "run" / ".dyncheck"
+    deadline = time.time() + 60
+    while not (pending / "claimed").is_dir() or not os.listdir(pending / "claimed"):
+        assert time.time() < deadline, "the request was never claimed"
+        time.sleep(0.05)
+    trainer.stop()
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 1, out + err  # a timeout would be 2
+    assert "unserved: training ended at step" in err and "before a check served it" in err
