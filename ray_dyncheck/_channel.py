@@ -1,5 +1,6 @@
 """The request channel: the trigger file and the request folder of a run directory, claims and
-receipts (layout in :mod:`ray_dyncheck._files`). Used from rank 0's poller thread only.
+receipts (layout in :mod:`ray_dyncheck._files`). Used on rank 0, by its poller thread (and, to answer
+a failed upload at once, by the upload thread; one lock).
 
 A request is claimed (moved into ``claimed/``) before it is acted on, so a new ``touch`` during a save
 is a new request; it is retired (receipt written, claim deleted) only once it has its final answer.
@@ -13,6 +14,7 @@ import json
 import logging
 import posixpath
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,7 +35,6 @@ from ._files import (
     new_id,
     parse_body,
     read_capped,
-    read_json,
     utc_now,
     write_json,
 )
@@ -83,6 +84,8 @@ class RequestChannel:
         self._warned: set[str] = set()
         self._errors = ErrorLog()
         self._ok = True
+        # The poller thread uses the channel; an upload thread may retire through it too.
+        self.lock = threading.RLock()
 
     def path(self, sub: str, name: str = "") -> str:
         return posixpath.join(self.run_dir, sub, name) if name else posixpath.join(self.run_dir, sub)
@@ -108,6 +111,10 @@ class RequestChannel:
         Every file is handled on its own: one that fails (logged, at most once a minute per message)
         never drops what was already claimed; its claim is picked up by the rescan of the next poll.
         """
+        with self.lock:
+            return self._poll()
+
+    def _poll(self) -> list[Request]:
         self._ok = True
         found: list[Request] = []
         if self._rescan:
@@ -255,6 +262,12 @@ class RequestChannel:
             self._discard(info.path, stem, "written before this run started")
             return None
         dest = self.path(CLAIMED, name)
+        if dest in self._known or self._receipt(stem) is not None:
+            # One id, one request, one receipt: serving it would overwrite that receipt (or the claim
+            # in hand). Left where it is, said once; the end of the run removes it.
+            self._warn_once(info.path, "dyncheck: ignoring request %s: its id was used before (it has a "
+                            "receipt or is being served); write each request with a new id", info.path)
+            return None
         try:
             self.fs.create_dir(self.path(CLAIMED), recursive=True)
             self.fs.move(info.path, dest)
@@ -292,6 +305,10 @@ class RequestChannel:
 
     def mark_attempt(self, requests: Sequence[Request]) -> None:
         """A save for these claims starts: one more attempt each (an empty file next to the claim)."""
+        with self.lock:
+            self._mark_attempt(requests)
+
+    def _mark_attempt(self, requests: Sequence[Request]) -> None:
         for req in requests:
             if req.path is not None:
                 with self.fs.open_output_stream(f"{req.path.rsplit('.', 1)[0]}.attempt{req.attempts + 1}"):
@@ -304,7 +321,10 @@ class RequestChannel:
         a receipt is written once, never rewritten. Raises if a claim could not be deleted, after
         trying all of them, so the caller retries the deletions.
         """
-        written = set() if written is None else written
+        with self.lock:
+            self._retire(requests, receipt, set() if written is None else written)
+
+    def _retire(self, requests: Sequence[Request], receipt: dict[str, Any], written: set[str]) -> None:
         failed: list[str] = []
         for req in requests:
             if req.id not in written:
@@ -346,23 +366,39 @@ class RequestChannel:
 
 
 def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
-    """After a run has ended: every request still waiting or claimed gets an ``unserved`` receipt
-    (unless it already has a final one) and is removed. Returns the ids answered. Any process."""
+    """After a run has ended: every request still waiting or claimed gets a final receipt (unless it
+    has one) and is removed: ``unserved``, or ``error`` for a claim whose save was started (attempt
+    marks) and never finished, i.e. the workers died during it. Returns the ids answered. Any process.
+    """
     answered = []
     for sub in (REQUESTS, CLAIMED):
-        sel = pafs.FileSelector(posixpath.join(run_dir, sub), allow_not_found=True)
-        for info in fs.get_file_info(sel):
+        infos = fs.get_file_info(pafs.FileSelector(posixpath.join(run_dir, sub), allow_not_found=True))
+        attempts: dict[str, int] = {}
+        for info in infos:
+            m = _ATTEMPT_RE.match(info.base_name)
+            if m:
+                attempts[m.group(1)] = max(attempts.get(m.group(1), 0), int(m.group(2)))
+        for info in infos:
             stem, _, ext = info.base_name.rpartition(".")
-            if info.type != pafs.FileType.File or info.base_name.startswith("."):
-                continue
-            if ext not in ("json", "trigger"):
-                if _ATTEMPT_RE.match(info.base_name):
-                    delete_quietly(fs, info.path)
+            if info.type != pafs.FileType.File or info.base_name.startswith(".") or ext not in ("json", "trigger"):
                 continue
             receipt_path = posixpath.join(run_dir, RECEIPTS, f"{stem}.json")
-            old = read_json(fs, receipt_path)
-            if old is None or old.get("status") not in FINAL_STATUSES:
-                write_json(fs, receipt_path, {"id": stem, "status": "unserved", "error": why, "time": utc_now()})
+            try:
+                old = json.loads(read_capped(fs, receipt_path))
+            except FileNotFoundError:
+                old = None
+            except (OSError, ValueError) as exc:  # cannot tell: never overwrite what may be final
+                logger.error("dyncheck: cannot read receipt %s (%s); leaving request %s as it is",
+                             receipt_path, exc, stem)
+                continue
+            if not (isinstance(old, dict) and old.get("status") in FINAL_STATUSES):
+                n = attempts.get(stem, 0)
+                receipt = ({"status": "error", "attempts": n, "error": f"its save was started {n} time(s) and "
+                            f"the workers died during it; {why}"} if n else {"status": "unserved", "error": why})
+                write_json(fs, receipt_path, {"id": stem, **receipt, "time": utc_now()})
                 answered.append(stem)
             delete_quietly(fs, info.path)
+        for info in infos:  # attempt marks of claims now gone
+            if _ATTEMPT_RE.match(info.base_name):
+                delete_quietly(fs, info.path)
     return answered

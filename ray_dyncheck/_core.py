@@ -257,10 +257,11 @@ class WorkerCore:
     ) -> None:
         """Every rank, the same number of times: report this rank's ``directory`` (or ``None``).
 
-        ``error`` (rank 0) means the checkpoint could not be written: every rank still reports,
-        without a checkpoint, and the requests get an error receipt. ``t0`` is when the save began.
-        If the backend's report itself raises (Ray failing), the requests get an error receipt and
-        the error propagates: Ray fails the worker group and its ``FailureConfig`` decides.
+        ``error`` (on any rank) means this rank could not write its part: when any rank has one, every
+        rank reports without a checkpoint (half a checkpoint is never reported) and the requests get
+        an error receipt. ``t0`` is when the save began. If the backend's report itself raises (Ray
+        failing), the requests get an error receipt and the error propagates: Ray fails the worker
+        group and its ``FailureConfig`` decides.
         """
         t_written = time.perf_counter()
         # Unique per report (a resumed run can save the same step again); Ray keeps rank 0's name.
@@ -275,6 +276,9 @@ class WorkerCore:
             except Exception as exc:
                 logger.exception("dyncheck: could not attach metadata to the checkpoint at step %d", step)
                 error = f"rank 0: metadata: {type(exc).__name__}: {exc}"
+        if self.backend.merges_rank_dirs and self.agreement.any_rank(error is not None):
+            # Every rank: the others' shares must not be merged into a checkpoint rank 0 dropped.
+            error = error or "another rank could not write its part (see its log)"
         if error is not None and directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
             directory = None
@@ -287,7 +291,7 @@ class WorkerCore:
         try:
             self.backend.report(report_metrics, directory, name=name, metadata=metadata, on_done=on_done)
         except BaseException as exc:
-            on_done(None, exc)  # uncounted; its requests get an error receipt (once)
+            on_done(None, exc)  # settles it: its requests get an error receipt (once)
             if directory is None:
                 self.abandon(requests, step, kind, reason, f"report failed: {type(exc).__name__}: {exc}")
             raise

@@ -8,7 +8,6 @@ Runs in every Ray Train worker (or any ``torch.distributed`` rank with a backend
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import posixpath
@@ -24,7 +23,7 @@ from ._core import Backend
 from ._files import read_capped
 from .agree import Agreement
 from .errors import CheckpointRestoreError
-from .state import FORMAT_VERSION, MANIFEST_FILE, read_manifest
+from .state import MANIFEST_FILE, read_manifest, read_stored_manifest
 
 __all__ = ["hf_resume_path"]
 
@@ -36,30 +35,13 @@ RAY_LAYOUT_DIR = "checkpoint"  # Ray's RayTrainReportCallback puts HF's files in
 MAX_SCHEDULER_BYTES = 64 * 1024 * 1024
 
 
-def _stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """:func:`~ray_dyncheck.state.read_manifest` of a stored checkpoint, over its filesystem: its
-    files' sizes are compared, nothing is downloaded. Raises ``ValueError`` when it is incomplete."""
-    file = posixpath.join(path, MANIFEST_FILE)
-    if fs.get_file_info(file).type == pafs.FileType.NotFound:
-        return None
-    manifest = json.loads(read_capped(fs, file))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {manifest.get('format_version')!r}; this "
-                         f"ray_dyncheck reads {FORMAT_VERSION}")
-    names = list(manifest["files"])
-    for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
-        if info.type != pafs.FileType.File or info.size != manifest["files"][name]:
-            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing or truncated")
-    return manifest
-
-
 def _choose(fs: pafs.FileSystem, paths: Iterable[str],
             log: Callable[..., None] = logger.error) -> dict[str, Any] | None:
     """Rank 0: the newest complete ``Trainer`` checkpoint of ``paths`` (newest first), checked over
     ``fs`` without downloading it; ``None`` when there is none."""
     for path in paths:
         try:
-            manifest = _stored_manifest(fs, path)
+            manifest = read_stored_manifest(fs, path)
             if manifest is not None:
                 if TRAINER_STATE not in manifest["files"]:
                     raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")

@@ -140,6 +140,7 @@ class RequestPoller:
             retry += [job for job in outbox if not self._do(*job)]
             if final is not None:
                 retry += self._answer_unserved(*final)
+                next_poll = self._clock() + 1e6  # that was the last poll: nothing is claimed after it
             elif due:
                 # Polled whatever failed above: a receipt that cannot be written never starves claims.
                 self._poll()

@@ -86,10 +86,17 @@ class RayBackend:
                          delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=upload)
 
     def committed(self, path: str, timeout: float) -> bool:
-        # Waits until the controller has processed every report this worker made so far.
-        items = ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout)
-        return any(item.checkpoint.path == path for item in items)
+        # Each call waits until the controller has processed every report this worker made so far;
+        # a report made meanwhile moves that target, so ask in short rounds until ours is listed.
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            items = ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=max(0.1, min(10.0, left)))
+            if any(item.checkpoint.path == path for item in items):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def checkpoints(self) -> Iterator[str]:
         for checkpoint in newest_first():

@@ -60,7 +60,7 @@ class Receipts:
                     return
                 record["error"] = (f"not stored: {type(exc).__name__}: {exc}" if exc is not None
                                    else "not stored: the backend reported no path")
-                # Written now, in the upload thread: Ray fails the worker group right after.
+                # Written now: from Ray's upload thread, Ray fails the worker group right after.
                 self._answer(record, requests, None, now=True)
             finally:
                 self._done()
@@ -114,13 +114,17 @@ class Receipts:
         if not requests or self.core.poller is None:
             return
         written: set[str] = set()
-        if now and self.core.channel is not None:
+        channel = self.core.channel
+        # Not while the poller holds the channel in a hung storage call: then the poller writes it.
+        if now and channel is not None and channel.lock.acquire(timeout=5.0):
             try:
-                self.core.channel.retire(requests, receipt, written)
+                channel.retire(requests, receipt, written)
                 return
             except Exception as exc:
                 logger.error("dyncheck: could not write receipts now (%s: %s); the poller retries",
                              type(exc).__name__, exc)
+            finally:
+                channel.lock.release()
         self.core.poller.complete(requests, receipt, written)
 
     def wait(self, timeout: float) -> bool:

@@ -118,8 +118,7 @@ def fit(
                        "Ctrl+C keeps Ray's default (no save). Call it from the main thread.")
         return trainer.fit()
 
-    storage = trainer.run_config.storage_context  # Ray writes the run-start marker here, once
-    fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
+    run_dir = _RunDir(trainer.run_config)  # resolved on a helper thread: even that may touch storage
     box: dict[str, Any] = {}
     ended = threading.Event()
 
@@ -137,7 +136,7 @@ def fit(
         threading.Thread(target=run, name="dyncheck-fit", daemon=True).start()
         first = _wait(ended.is_set, recorder, None)
         if first is None:
-            _, late = _tidy(fs, run_dir, box, None, recorder, 0.0)
+            _, late = _tidy(run_dir, box, None, recorder, 0.0)
             late = late or recorder.pop(0.0)  # one that came as fit() ended is not dropped either
             if late is not None and raise_on_interrupt and "error" not in box:
                 _shut_down(late[0])  # Ctrl+C while we tidied up: the script stops, as it asked
@@ -147,9 +146,8 @@ def fit(
         ask = "to stop without saving" if kind == "none" else f"for a {kind.replace('weights', 'weights-only')} save"
         logger.warning("dyncheck: interrupt received (%s): asking workers %s (%s again to force)", name, ask, name)
         rid = new_id("interrupt")
-        receipt_path = posixpath.join(run_dir, RECEIPTS, f"{rid}.json")
-        write = _Job("request", write_json, fs, posixpath.join(run_dir, REQUESTS, f"{rid}.json"),
-                     {"id": rid, "kind": kind, "stop": True, "source": "interrupt"})
+        body = {"id": rid, "kind": kind, "stop": True, "source": "interrupt"}
+        write = _Job("request", lambda: write_json(*run_dir.join(REQUESTS, f"{rid}.json"), body))
         after = t_sig + DEBOUNCE_S
         second = _wait(write.done.is_set, recorder, time.monotonic() + REQUEST_TIMEOUT_S, after)
         written = write.done.is_set() and write.error is None
@@ -166,14 +164,14 @@ def fit(
             _exit_after(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
             why = (f"second {signal.Signals(second[0]).name}" if second is not None
                    else f"no answer within interrupt_grace_s={grace:g} s")
-            job = _Job("receipt", read_json, fs, receipt_path) if written else None
+            job = _Job("receipt", lambda: read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))) if written else None
             seen = ("the request is not written yet (storage has not answered)" if job is None
                     else "the receipt could not be read in time" if not job.done.wait(1.0)
                     else job.result or "no receipt yet (the workers have not saved)")
             logger.error("dyncheck: forced exit (%s); waited for request %s in %s; last seen: %s",
                          why, rid, run_dir, seen)
             _shut_down(signum)
-        receipt, _ = _tidy(fs, run_dir, box, receipt_path, recorder, after)
+        receipt, _ = _tidy(run_dir, box, rid, recorder, after)
         logger.warning("dyncheck: stopped after the interrupt in %.1f s; %s", time.monotonic() - t_sig,
                        _where(receipt, box))
         if raise_on_interrupt:
@@ -201,14 +199,45 @@ def _wait(done: Callable[[], bool], recorder: _Signals, deadline: float | None,
     return None
 
 
-def _tidy(fs: pafs.FileSystem, run_dir: str, box: dict[str, Any], receipt: str | None, recorder: _Signals,
+class _RunDir:
+    """The run directory of a ``RunConfig``, resolved on first use by whichever helper thread needs it
+    (resolving an ``s3://`` URI talks to the store). ``str()`` is a label for logs, with no I/O.
+
+    Not ``RunConfig.storage_context``: building it writes Ray's run-start marker, which must be left
+    to ``fit()`` (the controller builds its own when this one was not cached)."""
+
+    def __init__(self, run_config: Any) -> None:
+        self.config = run_config
+        self._lock = threading.Lock()
+        self._resolved: tuple[pafs.FileSystem, str] | None = None
+
+    def __str__(self) -> str:
+        return posixpath.join(str(self.config.storage_path), str(self.config.name))
+
+    def resolve(self) -> tuple[pafs.FileSystem, str]:
+        with self._lock:
+            if self._resolved is None:
+                path = str(self.config.storage_path)
+                fs = self.config.storage_filesystem
+                if fs is None:  # as Ray resolves it (get_fs_and_path)
+                    fs, path = pafs.FileSystem.from_uri(path)
+                self._resolved = fs, posixpath.join(path, str(self.config.name))
+            return self._resolved
+
+    def join(self, *parts: str) -> tuple[pafs.FileSystem, str]:
+        fs, root = self.resolve()
+        return fs, posixpath.join(root, *parts)
+
+
+def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Signals,
           after: float) -> tuple[dict[str, Any] | None, tuple[int, float] | None]:
     """``fit()`` has ended: requests nobody served get ``unserved`` receipts, then the interrupt's
-    ``receipt`` (a path) is read, on a helper thread for at most ``TIDY_TIMEOUT_S`` or until a signal.
-    Runs on the driver's main thread; returns ``(receipt, signal)``."""
+    receipt (request ``rid``) is read, on a helper thread for at most ``TIDY_TIMEOUT_S`` or until a
+    signal. Runs on the driver's main thread; returns ``(receipt, signal)``."""
     err = box.get("error")
     why = f"the run ended (fit() {f'raised {type(err).__name__}' if err else 'returned'}) before a check served it"
-    job = _Job("leftovers", lambda: (answer_leftovers(fs, run_dir, why), receipt and read_json(fs, receipt)))
+    job = _Job("leftovers", lambda: (answer_leftovers(*run_dir.resolve(), why),
+                                     rid and read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))))
     sig = _wait(job.done.is_set, recorder, time.monotonic() + TIDY_TIMEOUT_S, after)
     if not job.done.is_set():
         logger.error("dyncheck: requests left in %s not answered: %s", run_dir,

@@ -15,7 +15,7 @@ class CheckpointRestoreError(RuntimeError):
 
 
 class CheckpointUploadError(OSError):
-    """A checkpoint's files could not be stored after every retry; its requests got an ``error``
-    receipt. Raised in Ray's upload thread, so Ray fails the worker group and ``FailureConfig``
-    decides what follows. The message leaves out the cause's text (see ``__cause__``), so Ray does
-    not retry it once more."""
+    """A checkpoint's files could not be stored after every retry. Raised in Ray's upload thread, so
+    Ray fails the worker group and ``FailureConfig`` decides what follows. When it was rank 0's upload,
+    its requests got an ``error`` receipt first; another rank's leaves the claims to the restarted
+    group. The message leaves out the cause's text (see ``__cause__``), so Ray does not retry it."""

@@ -8,8 +8,8 @@ in a plain ``torch.distributed`` world without Ray (:class:`LocalBackend`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import pickle
 import shutil
 import tempfile
 import time
@@ -21,7 +21,7 @@ import torch
 from ._channel import Request
 from ._core import Backend, WorkerCore
 from ._local import LocalBackend
-from .agree import Decision
+from .agree import Agreement, Decision
 from .config import DynamicCheckpointConfig, load_config
 from .errors import CheckpointRestoreError
 from .state import (
@@ -29,7 +29,7 @@ from .state import (
     Stateful,
     capture_rank_state,
     load_checkpoint,
-    read_manifest,
+    read_stored_manifest,
     write_checkpoint,
 )
 
@@ -117,48 +117,54 @@ class DynamicCheckpoint:
 
     # -- resume ------------------------------------------------------------------------------------
 
-    def restore(self) -> CheckpointInfo | None:
+    def restore(self, timeout_s: float = 1800.0) -> CheckpointInfo | None:
         """Load the run's newest checkpoint into the model, optimizer, scheduler, RNG and
         ``extra_state``, and set :attr:`global_step`. Call on every rank, before training.
 
-        Rank 0 chooses the checkpoint (the newest complete one written by ray_dyncheck) and every rank
-        loads that one. Returns ``None`` (state untouched) when the run has no checkpoint, or when the
-        newest one was not written by ray_dyncheck.
+        Rank 0 chooses the checkpoint (the newest complete one written by ray_dyncheck, checked in
+        storage without downloading it) and every rank loads that one. Returns ``None`` (state
+        untouched) when the run has no checkpoint, or when the newest one was not written by
+        ray_dyncheck. ``timeout_s`` bounds how long a rank waits for the others (their download
+        included), on a side group made for this call.
 
         Raises:
             CheckpointRestoreError: on every rank, with the same message, when any rank failed.
         """
-        core = self._core
-        with contextlib.ExitStack() as stack:
-            choice: Any = None
-            if self.rank == 0:
-                try:
-                    choice = self._choose(stack)
-                except Exception as exc:
-                    logger.exception("dyncheck: could not list the run's checkpoints")
-                    choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
-            choice = core.agreement.broadcast(choice)  # every rank: the same checkpoint, or none
-            if choice is None:
-                return None
-            if "error" in choice:
-                raise CheckpointRestoreError(choice["error"])
-            info, error = None, None
+        agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
+        try:
+            return self._restore(agreement)
+        finally:
+            agreement.close()
+
+    def _restore(self, agreement: Agreement) -> CheckpointInfo | None:
+        choice: Any = None
+        if self.rank == 0:
             try:
-                directory = (choice["local"] if self.rank == 0
-                             else stack.enter_context(self.backend.open(choice["path"])))
+                choice = self._choose()
+            except Exception as exc:
+                logger.exception("dyncheck: could not list the run's checkpoints")
+                choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
+        choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+        if choice is None:
+            return None
+        if "error" in choice:
+            raise CheckpointRestoreError(choice["error"])
+        info, error = None, None
+        try:
+            with self.backend.open(choice["path"]) as directory:
                 info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                        lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
                                        rank=self.rank)
-            except Exception as exc:
-                logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        errors = [e for e in core.agreement.all_gather(error) if e is not None]
+        except Exception as exc:
+            logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        errors = [e for e in agreement.all_gather(error) if e is not None]
         if errors or info is None:
             raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
                                          f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the "
                                          "cause, or move that checkpoint aside to resume from an older one")
         self.global_step = info.step
-        core.start_at(info.step)
+        self._core.start_at(info.step)
         if self.rank == 0:
             logger.info("dyncheck: resumed from %s checkpoint at step %d (%s)", info.kind, info.step, choice["path"])
             if info.kind == "weights" and self.optimizer is not None:
@@ -166,26 +172,24 @@ class DynamicCheckpoint:
                                "only; use on_interrupt: full for an exact resume")
         return info
 
-    def _choose(self, stack: contextlib.ExitStack) -> dict[str, Any] | None:
-        """Rank 0: the newest complete checkpoint of ours, kept open in ``stack`` for rank 0's load."""
+    def _choose(self) -> dict[str, Any] | None:
+        """Rank 0: the newest complete checkpoint of ours, judged by its manifest in storage."""
+        storage = self.backend.storage()
+        if storage is None:
+            return None
         for i, path in enumerate(self.backend.checkpoints()):
-            inner = contextlib.ExitStack()
             try:
-                directory = inner.enter_context(self.backend.open(path))
-                manifest = read_manifest(directory)
-            except Exception as exc:  # a torn or unreadable checkpoint: try the one before it
-                inner.close()
+                manifest = read_stored_manifest(storage[0], path)
+            except (OSError, ValueError) as exc:  # a torn or unreadable checkpoint: try the one before it
                 logger.error("dyncheck: skipping checkpoint %s: %s", path, exc)
                 continue
             if manifest is None:
-                inner.close()
                 if i == 0:
                     logger.warning("dyncheck: the newest checkpoint (%s) was not written by "
                                    "ray_dyncheck; training state left as it is", path)
                     return None
                 continue
-            stack.enter_context(inner)
-            return {"path": path, "local": directory}
+            return {"path": path}
         return None
 
     # -- the per-step call -------------------------------------------------------------------------
@@ -227,6 +231,7 @@ class DynamicCheckpoint:
         step = self.global_step
         try:
             mine: dict[str, Any] = capture_rank_state(self.extra_state)
+            pickle.dumps(mine)  # gather_object pickles before it talks: fail here, not skip it
         except Exception as exc:
             logger.exception("dyncheck: rank %d could not capture its state at step %d", self.rank, step)
             mine = {"error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}

@@ -17,17 +17,21 @@ import io
 import json
 import logging
 import os
+import posixpath
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import pyarrow.fs as pafs
 import safetensors.torch
 import torch
 
+from ._files import read_capped
+
 __all__ = ["CheckpointInfo", "Stateful", "capture_rank_state", "load_checkpoint", "read_manifest",
-           "unwrap_model", "write_checkpoint", "write_manifest"]
+           "read_stored_manifest", "unwrap_model", "write_checkpoint", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer_state.pt"
 MANIFEST_FILE = "dyncheck.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a sharded model's manifest lists many files
 
 
 @runtime_checkable
@@ -230,6 +235,34 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
         if not os.path.isfile(file) or os.path.getsize(file) != size:
             raise ValueError(f"checkpoint {directory} is incomplete: {name} is missing or truncated")
     return manifest
+
+
+def read_stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """:func:`read_manifest` of a checkpoint in storage, over its filesystem: file sizes are compared,
+    nothing is downloaded. ``None`` when it has no manifest.
+
+    Raises:
+        ValueError: the manifest is malformed, or a file it lists is missing or truncated.
+    """
+    file = posixpath.join(path, MANIFEST_FILE)
+    if fs.get_file_info(file).type == pafs.FileType.NotFound:
+        return None
+    try:
+        manifest = json.loads(read_capped(fs, file, MAX_MANIFEST_BYTES))
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+        kind, step = manifest["kind"], int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path} has a malformed {MANIFEST_FILE}: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {manifest.get('format_version')!r}; this "
+                         f"ray_dyncheck reads {FORMAT_VERSION}")
+    names = list(files)
+    for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
+        if info.type != pafs.FileType.File or info.size != files[name]:
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing or truncated")
+    return {**manifest, "kind": kind, "step": step}
 
 
 def load_checkpoint(

@@ -319,3 +319,47 @@ def test_a_receipt_that_cannot_be_written_never_starves_new_claims(tmp_path, run
         assert receipts(run)["r1"]["step"] == 1
     finally:
         poller.close(timeout=5)
+
+
+def test_a_reused_request_id_is_refused_not_served_twice(run, caplog):
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    (folder / "nightly.json").write_text("{}")
+    ch = channel(run)
+    [req] = ch.poll()
+    ch.retire([req], {"status": "ok", "step": 3})
+    (folder / "nightly.json").write_text("{}")  # the same id again
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        assert ch.poll() == [] and ch.poll() == []
+    assert caplog.text.count("its id was used before") == 1
+    assert receipts(run)["nightly"]["step"] == 3, "the first receipt stands"
+    assert (folder / "nightly.json").exists()
+
+
+def test_leftovers_after_the_run(tmp_path, run):
+    from faultfs import fault_fs, set_plan
+
+    from ray_dyncheck._channel import answer_leftovers
+
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    for rid in ("crashed", "waiting", "answered"):
+        (folder / f"{rid}.json").write_text("{}")
+    ch = channel(run)
+    claimed = {r.id: r for r in ch.poll()}
+    ch.mark_attempt([claimed["crashed"]])  # its save started; the workers died; no restart followed
+    ch.write_receipt({"id": "answered", "status": "ok", "step": 9})  # the claim outlived its answer
+    (folder / "late.json").write_text("{}")
+    # A receipt that cannot be read is never overwritten: that request is left for later.
+    plan = tmp_path / "plan.json"
+    set_plan(plan, [{"op": "open_input_stream", "path": "receipts/answered.json", "action": "raise"}])
+    assert sorted(answer_leftovers(fault_fs(plan), str(run), "the run ended")) == ["crashed", "late", "waiting"]
+    got = receipts(run)
+    assert (got["crashed"]["status"], got["crashed"]["attempts"]) == ("error", 1)
+    assert got["crashed"]["error"].startswith("its save was started 1 time(s) and the workers died during it")
+    assert got["waiting"]["status"] == got["late"]["status"] == "unserved"
+    assert got["answered"] == {"id": "answered", "status": "ok", "step": 9, "time": got["answered"]["time"]}
+    assert sorted(os.listdir(run / ".dyncheck" / "claimed")) == ["answered.json"]
+    set_plan(plan, [])
+    assert answer_leftovers(fault_fs(plan), str(run), "the run ended") == []
+    assert os.listdir(run / ".dyncheck" / "claimed") == [] and receipts(run)["answered"]["step"] == 9
