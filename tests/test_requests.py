@@ -338,7 +338,6 @@ def test_a_reused_request_id_is_refused_not_served_twice(run, caplog):
 
 def test_leftovers_after_the_run(tmp_path, run):
     from faultfs import fault_fs, set_plan
-
     from ray_dyncheck._channel import answer_leftovers
 
     folder = run / ".dyncheck" / "requests"
