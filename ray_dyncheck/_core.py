@@ -24,6 +24,7 @@ from ._poller import RequestPoller
 from ._receipts import Receipts
 from .agree import Agreement, AutoInterval, Decision
 from .config import DynamicCheckpointConfig
+from .errors import CheckpointRestoreError
 from .state import FORMAT_VERSION
 
 __all__ = ["Backend", "OnDone", "WorkerCore"]
@@ -75,6 +76,32 @@ def _plain(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     # Only called when saving: .item() on a CUDA tensor synchronises, so never on a plain step.
     return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
             for k, v in (metrics or {}).items()}
+
+
+def chosen_by_rank0(agreement: Agreement, choose: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Every rank: the checkpoint rank 0's ``choose()`` picked (``None``: none). An error there
+    becomes the same :class:`~ray_dyncheck.errors.CheckpointRestoreError` on every rank."""
+    choice: Any = None
+    if agreement.rank == 0:
+        try:
+            choice = choose()
+        except Exception as exc:
+            logger.exception("dyncheck: could not list the run's checkpoints")
+            choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
+    choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+    if isinstance(choice, dict) and "error" in choice:
+        raise CheckpointRestoreError(choice["error"])
+    return choice
+
+
+def fail_together(agreement: Agreement, error: str | None, path: str) -> None:
+    """Every rank, after trying to load ``path``: when any rank has an ``error``, every rank raises the
+    same :class:`~ray_dyncheck.errors.CheckpointRestoreError`, so no rank trains on alone."""
+    errors = [e for e in agreement.all_gather(error) if e is not None]
+    if errors:
+        raise CheckpointRestoreError(f"resuming from {path} failed on {len(errors)} rank(s): "
+                                     f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
+                                     "or move that checkpoint aside to resume from an older one")
 
 
 def decide(requests: Sequence[Request], interval: int) -> Decision:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from ._core import Backend
+from ._core import Backend, chosen_by_rank0, fail_together
 from ._files import read_capped
 from .agree import Agreement
 from .errors import CheckpointRestoreError
@@ -114,18 +114,9 @@ def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None =
 def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | None) -> str | None:
     rank = agreement.rank
     storage = backend.storage()
-    choice: Any = None
-    if rank == 0 and storage is not None:
-        try:
-            choice = _choose(storage[0], backend.checkpoints())
-        except Exception as exc:
-            logger.exception("dyncheck: could not list the run's checkpoints")
-            choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
-    choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+    choice = chosen_by_rank0(agreement, lambda: _choose(storage[0], backend.checkpoints()) if storage else None)
     if choice is None:
         return None
-    if "error" in choice:
-        raise CheckpointRestoreError(choice["error"])
     local, downloaded, error = None, None, None
     try:
         if storage is None:
@@ -143,13 +134,12 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
     except Exception as exc:
         logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
         error = f"rank {rank}: {type(exc).__name__}: {exc}"
-    errors = [e for e in agreement.all_gather(error) if e is not None]
-    if errors:
+    try:
+        fail_together(agreement, error, choice["path"])
+    except CheckpointRestoreError:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
-        raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
-                                     f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
-                                     "or move that checkpoint aside to resume from an older one")
+        raise
     if rank == 0:
         logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", choice["kind"], choice["path"],
                     choice["step"])

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from ._channel import Request
-from ._core import Backend, WorkerCore
+from ._core import Backend, WorkerCore, chosen_by_rank0, fail_together
 from ._local import LocalBackend
 from .agree import Agreement, Decision
 from .config import DynamicCheckpointConfig, load_config
-from .errors import CheckpointRestoreError
 from .state import (
     CheckpointInfo,
     Stateful,
@@ -137,18 +136,9 @@ class DynamicCheckpoint:
             agreement.close()
 
     def _restore(self, agreement: Agreement) -> CheckpointInfo | None:
-        choice: Any = None
-        if self.rank == 0:
-            try:
-                choice = self._choose()
-            except Exception as exc:
-                logger.exception("dyncheck: could not list the run's checkpoints")
-                choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
-        choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+        choice = chosen_by_rank0(agreement, self._choose)
         if choice is None:
             return None
-        if "error" in choice:
-            raise CheckpointRestoreError(choice["error"])
         info, error = None, None
         try:
             with self.backend.open(choice["path"]) as directory:
@@ -158,11 +148,8 @@ class DynamicCheckpoint:
         except Exception as exc:
             logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        errors = [e for e in agreement.all_gather(error) if e is not None]
-        if errors or info is None:
-            raise CheckpointRestoreError(f"resuming from {choice['path']} failed on {len(errors)} rank(s): "
-                                         f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the "
-                                         "cause, or move that checkpoint aside to resume from an older one")
+        fail_together(agreement, error, choice["path"])
+        assert info is not None  # loaded here, or raised above
         self.global_step = info.step
         self._core.start_at(info.step)
         if self.rank == 0:
