@@ -13,6 +13,8 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, ContextManager, Protocol
 
@@ -41,8 +43,7 @@ class Backend(Protocol):
     rank: int
     world_size: int
     merges_rank_dirs: bool
-    """``True`` when the directories every rank reports are merged into one checkpoint (Ray);
-    ``False`` when only rank 0's is stored."""
+    """``True`` when the directories every rank reports are merged into one checkpoint."""
 
     def storage(self) -> tuple[pafs.FileSystem, str] | None:
         """The run directory's filesystem and path, or ``None`` when there is none."""
@@ -52,10 +53,12 @@ class Backend(Protocol):
         May raise: the caller then reports without a checkpoint."""
 
     def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
-               metadata: dict[str, Any], on_done: OnDone) -> None:
+               metadata: dict[str, Any], on_done: OnDone, written: Future[Any] | None = None) -> None:
         """Called on every rank, the same number of times; ``directory`` is ``None`` on ranks with
-        nothing to write. ``on_done(path, error)`` runs once, when that rank's files are stored or
-        finally failed to be."""
+        nothing to write. ``written``, when given, completes once the files in ``directory`` are
+        written (a background save; it raises if they could not be): store them only then, never
+        by waiting in the training thread. ``on_done(path, error)`` runs once, when that rank's files
+        are stored or finally failed to be."""
 
     def committed(self, path: str, timeout: float) -> bool:
         """Rank 0, in a background thread, after ``on_done(path, None)``: whether the checkpoint is
@@ -143,6 +146,11 @@ class WorkerCore:
         self._announced = False
         self.last_step = 0
         self._receipts = Receipts(self)
+        self.last_kind: str | None = None
+        """The kind of the newest save (every rank): what a save still in flight holds."""
+        self._saves = 0
+        # Checkpoint names are the same on every rank (each rank may store its own files into it).
+        self._token = str(self.agreement.broadcast(secrets.token_hex(3)))
         self.poller: RequestPoller | None = None
         self.channel: RequestChannel | None = None
         if config.enabled and self.rank == 0:
@@ -160,6 +168,18 @@ class WorkerCore:
         self.poller = RequestPoller(self.channel, self.config.poll_interval_s).start()
         logger.info("dyncheck: watching %s and %s/.dyncheck/requests/ (check_interval=%s)",
                     self.channel.trigger, run_dir, self.config.check_interval)
+
+    @property
+    def in_flight(self) -> bool:
+        """This rank has a save whose files are not yet stored (rank 0: or not yet committed)."""
+        return self._receipts.busy > 0
+
+    def wait_stored(self) -> None:
+        """Before a save that was not agreed at a check (a schedule, ``save()``): let this rank's
+        previous save finish, so at most one is in flight. Every rank saves, so none waits alone."""
+        if self.in_flight and not self._receipts.wait(self.config.commit_timeout_s + 60.0):
+            logger.error("dyncheck: the previous save is still in flight after %.0f s; saving anyway",
+                         self.config.commit_timeout_s + 60.0)
 
     def start_at(self, step: int) -> None:
         """Training (re)starts after ``step`` (a resume): the next check is the next step."""
@@ -236,21 +256,24 @@ class WorkerCore:
 
     def _check(self, step: int, t_enter: float) -> tuple[Decision, list[Request]]:
         requests: list[Request] = []
-        local = Decision(next_interval=self.interval)
+        busy = self.in_flight
+        local = Decision(next_interval=self.interval, busy=busy)
         if self.rank == 0:
             try:
                 if self._auto is not None and self._train_s > 0:
                     self.interval = self._auto.observe(self._train_s / self._steps_since_check,
                                                        self._last_check_s)
                 requests = self.poller.take() if self.poller is not None else []
-                local = decide(requests, self.interval)
+                local = replace(decide(requests, self.interval), busy=busy)
             except Exception:  # never skip the collective below: log, and decide "no request"
                 logger.exception("dyncheck: rank 0 could not make a decision at step %d", step)
-                local = Decision(next_interval=self.interval)
+                local = Decision(next_interval=self.interval, busy=busy)
                 if requests and self.poller is not None:
                     self.poller.requeue(requests)  # not lost: decided on at the next check
                 requests = []
         agreed = self.agreement.agree(local)
+        if agreed.save and agreed.busy:
+            agreed, requests = self._defer(agreed, requests, step)
         if agreed.save and requests and self.poller is not None:
             # Count the attempt before the save starts, so a save that kills the workers (out of
             # memory) is not retried after every restart. Bounded: a slow store only delays it.
@@ -268,6 +291,22 @@ class WorkerCore:
         self._train_s, self._steps_since_check = 0.0, 0
         return agreed, requests
 
+    def _defer(self, agreed: Decision, requests: list[Request], step: int) -> tuple[Decision, list[Request]]:
+        """A save is still in flight on some rank (every rank knows, from the one collective): start no
+        second one. A stop whose kind that save holds (full covers weights) is answered by it and stops
+        now; anything else waits for the first check after it is stored."""
+        covered = agreed.stop and (self.last_kind == "full" or self.last_kind == agreed.kind)
+        if self.rank == 0 and requests and self.poller is not None:
+            if covered:
+                logger.warning("dyncheck: step %d: the %s save in flight answers %s", step, self.last_kind,
+                               ", ".join(r.id for r in requests))
+                self._receipts.attach(requests)
+            else:
+                logger.info("dyncheck: step %d: a save is still in flight; %s wait(s) for the next check",
+                            step, ", ".join(r.id for r in requests))
+                self.poller.requeue(requests)
+        return replace(agreed, save=False, kind=None, stop=covered), []
+
     # -- reporting -----------------------------------------------------------------------------
 
     def report(
@@ -281,6 +320,7 @@ class WorkerCore:
         error: str | None,
         metrics: Mapping[str, Any] | None,
         t0: float,
+        written: Future[Any] | None = None,
     ) -> None:
         """Every rank, the same number of times: report this rank's ``directory`` (or ``None``).
 
@@ -291,8 +331,10 @@ class WorkerCore:
         group and its ``FailureConfig`` decides.
         """
         t_written = time.perf_counter()
-        # Unique per report (a resumed run can save the same step again); Ray keeps rank 0's name.
-        name = f"checkpoint_{step:08d}_{kind}_{secrets.token_hex(3)}"
+        # Unique per report (a resumed run can save the same step again), the same on every rank.
+        self._saves += 1
+        self.last_kind = kind
+        name = f"checkpoint_{step:08d}_{kind}_{self._token}{self._saves}"
         ids = [r.id for r in requests]
         metadata = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "reason": reason,
                     "request_id": ids[0] if ids else None, "request_ids": ids, "time": iso_time(),
@@ -316,7 +358,8 @@ class WorkerCore:
         report_metrics = {**_plain(metrics), "step": step, "dyncheck_kind": kind, "dyncheck_reason": reason}
         on_done = self._receipts.expect(record, list(requests), t0) if directory is not None else _ignore
         try:
-            self.backend.report(report_metrics, directory, name=name, metadata=metadata, on_done=on_done)
+            self.backend.report(report_metrics, directory, name=name, metadata=metadata, on_done=on_done,
+                                written=written)
         except BaseException as exc:
             on_done(None, exc)  # settles it: its requests get an error receipt (once)
             if directory is None:
@@ -330,10 +373,10 @@ class WorkerCore:
             # Rank 0 had nothing to store (the torch hook always has): nothing will answer them.
             self.abandon(requests, step, kind, reason, "rank 0 stored no files for this checkpoint")
         else:
-            logger.info("dyncheck: %s checkpoint at step %d (%s%s): written in %.2f s, training "
-                        "blocked %.2f s; uploading", kind, step, reason,
-                        f", requests {', '.join(ids)}" if ids else "", t_written - t0,
-                        time.perf_counter() - t0)
+            logger.info("dyncheck: %s checkpoint at step %d (%s%s): training blocked %.3f s; %s", kind, step,
+                        reason, f", requests {', '.join(ids)}" if ids else "", time.perf_counter() - t0,
+                        "writing and storing in the background" if written is not None and not written.done()
+                        else f"written in {t_written - t0:.2f} s, storing")
 
     def abandon(self, requests: Sequence[Request], step: int, kind: str, reason: str, why: str) -> None:
         """Rank 0: a save that stored no checkpoint is logged, and its requests get an error receipt

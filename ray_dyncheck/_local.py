@@ -9,13 +9,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
 from ._core import OnDone
-from ._files import RUN_MARKER, read_json, resolve_run_dir, write_json
+from ._files import RUN_MARKER, read_json, read_json_large, resolve_run_dir, write_json
+from .state import MANIFEST_FILE
 
 __all__ = ["COMMIT_MARKER", "LocalBackend"]
 
@@ -28,21 +30,26 @@ COMMIT_MARKER = ".dyncheck-committed"
 class LocalBackend:
     """Checkpoints in a run directory on any ``pyarrow.fs`` filesystem, without Ray.
 
-    For plain ``torch.distributed`` scripts (and the GPU check). Rank 0 stores ``<run>/<name>/``
-    synchronously and leaves the run-start marker that makes older requests stale. A checkpoint is
-    committed by its last file, ``.dyncheck-committed`` (on a local disk it is also written beside its
-    final name and renamed into place): a directory without it (a writer killed halfway) is never
-    listed, and checkpoints are listed newest commit first.
+    For plain ``torch.distributed`` scripts (and the GPU check). Each rank that has files stores them
+    into ``<run>/<name>/`` in a background thread (after its background write, if any); rank 0 then
+    waits until every file the manifest lists is there (a sharded checkpoint: every rank's shard) and
+    commits the checkpoint with its last file, ``.dyncheck-committed`` (on a local disk the files are
+    staged beside the final name and renamed into place). A directory without it (a writer killed
+    halfway) is never listed, and checkpoints are listed newest commit first. A failed store gives
+    an error receipt; training goes on.
 
     Args:
-        run_dir: Local path or URI of the run directory.
+        run_dir: Local path or URI of the run directory (shared by every rank that stores files).
         filesystem: The filesystem ``run_dir`` is on (default: from the path or URI).
+        store_timeout_s: How long rank 0 waits for the other ranks' files of a checkpoint.
     """
 
-    merges_rank_dirs = False
+    merges_rank_dirs = True
 
-    def __init__(self, run_dir: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(self, run_dir: str, *, filesystem: pafs.FileSystem | None = None,
+                 store_timeout_s: float = 300.0) -> None:
         self.fs, self.run_dir = resolve_run_dir(run_dir, filesystem)
+        self.store_timeout_s = store_timeout_s
         self.rank, self.world_size = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -50,6 +57,7 @@ class LocalBackend:
             self.fs.create_dir(self.run_dir, recursive=True)
             with self.fs.open_output_stream(posixpath.join(self.run_dir, RUN_MARKER)):
                 pass
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dyncheck-store")
 
     def storage(self) -> tuple[pafs.FileSystem, str]:
         return self.fs, self.run_dir
@@ -59,31 +67,51 @@ class LocalBackend:
         write_json(pafs.LocalFileSystem(), posixpath.join(directory, ".metadata.json"), metadata)
 
     def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
-               metadata: dict[str, Any], on_done: OnDone) -> None:
-        """Never raises: a failed store is handed to ``on_done`` (an error receipt), and training goes on."""
-        if directory is None:
-            return
-        if self.rank != 0:  # only rank 0's directory is stored here
-            shutil.rmtree(directory, ignore_errors=True)
-            on_done(None, None)
-            return
+               metadata: dict[str, Any], on_done: OnDone, written: Future[Any] | None = None) -> None:
+        """Never raises: the store runs in the background; a failure is handed to ``on_done`` (an error
+        receipt), and training goes on."""
+        if directory is not None:
+            self._executor.submit(self._store, directory, name, on_done, written)
+
+    def _store(self, directory: str, name: str, on_done: OnDone, written: Future[Any] | None) -> None:
         dest = posixpath.join(self.run_dir, name)
+        local = self.fs.type_name == "local"
+        staging = posixpath.join(self.run_dir, f".tmp-{name}") if local else dest
         try:
-            local = self.fs.type_name == "local"
-            staging = posixpath.join(self.run_dir, f".tmp-{name}") if local else dest
+            if written is not None:
+                written.result()
             self.fs.create_dir(staging, recursive=True)
             pafs.copy_files(directory, staging, destination_filesystem=self.fs)
-            if local:
-                self.fs.move(staging, dest)
-            write_json(self.fs, posixpath.join(dest, COMMIT_MARKER), {"name": name, "time": time.time()})
+            if self.rank == 0:
+                self._await_files(staging, name)
+                if local:
+                    self.fs.move(staging, dest)
+                write_json(self.fs, posixpath.join(dest, COMMIT_MARKER), {"name": name, "time": time.time()})
         except Exception as exc:
-            logger.error("dyncheck: storing checkpoint %s in %s failed: %s: %s", name, self.run_dir,
-                         type(exc).__name__, exc)
+            logger.error("dyncheck: rank %d: storing checkpoint %s in %s failed: %s: %s", self.rank, name,
+                         self.run_dir, type(exc).__name__, exc)
             on_done(None, exc)
             return
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-        on_done(dest, None)
+        on_done(dest if self.rank == 0 else None, None)
+
+    def _await_files(self, staging: str, name: str) -> None:
+        """Rank 0: until every file of the manifest (the other ranks' too) is stored in full."""
+        manifest = read_json_large(self.fs, posixpath.join(staging, MANIFEST_FILE))
+        files = manifest.get("files") if manifest else None
+        if not isinstance(files, dict):
+            raise ValueError(f"checkpoint {name} has no readable manifest")
+        deadline = time.monotonic() + self.store_timeout_s
+        while True:
+            infos = self.fs.get_file_info([posixpath.join(staging, f) for f in files])
+            missing = [f for f, info in zip(files, infos) if info.type != pafs.FileType.File or info.size != files[f]]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(missing)} file(s) of other ranks not stored within "
+                                   f"{self.store_timeout_s:g} s, e.g. {missing[0]}")
+            time.sleep(0.05)
 
     def committed(self, path: str, timeout: float) -> bool:
         """Stored is committed here: ``on_done`` runs only after the commit marker is written."""

@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any, ContextManager
 
 import pyarrow.fs as pafs
@@ -24,8 +25,10 @@ UPLOAD_BACKOFF_S = 1.0
 class RayBackend:
     """Runs in a Ray Train worker (inside ``train_loop_per_worker``).
 
-    Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` so training is blocked only for
-    the local write; the upload goes through our ``checkpoint_upload_fn``, which retries it itself
+    Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` as soon as the state is copied;
+    the upload goes through our ``checkpoint_upload_fn``, which first waits for the background write
+    of this rank's files (no collective in there: the writers' own run in their thread), retries the
+    upload itself
     and tells the hook once, when the files are finally stored or finally failed (Ray's own retry
     would call it again after a failure, and a receipt must never say ``error`` then ``ok``). A final
     failure raises :class:`~ray_dyncheck.errors.CheckpointUploadError`: Ray fails the worker group
@@ -53,13 +56,21 @@ class RayBackend:
         Checkpoint.from_directory(directory).set_metadata(metadata)
 
     def report(self, metrics: dict[str, Any], directory: str | None, *, name: str,
-               metadata: dict[str, Any], on_done: OnDone) -> None:
+               metadata: dict[str, Any], on_done: OnDone, written: Future[Any] | None = None) -> None:
         if directory is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         storage = self.context.get_storage()
 
         def upload(ckpt: Checkpoint, dir_name: str) -> Checkpoint:
+            if written is not None:  # a background save: its files first (no collective in here)
+                try:
+                    written.result()
+                except Exception as exc:
+                    on_done(None, exc)
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise CheckpointUploadError(f"checkpoint {dir_name} could not be written (the cause "
+                                                "follows)") from exc
             for attempt in range(1, UPLOAD_ATTEMPTS + 1):
                 try:
                     persisted = storage.persist_current_checkpoint(ckpt, dir_name)

@@ -35,11 +35,14 @@ class Receipts:
         self._queue: list[tuple[dict[str, Any], list[Request], float, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._last: tuple[dict[str, Any], list[Request]] | None = None
+        self._last_receipt: dict[str, Any] | None = None
 
     def expect(self, record: dict[str, Any], requests: list[Request], t0: float) -> OnDone:
         """Count one checkpoint in flight on this rank; the returned ``on_done`` settles it once."""
         with self._cv:
             self.busy += 1
+            self._last, self._last_receipt = (record, requests), None
         settled = [False]
 
         def on_done(path: str | None, exc: BaseException | None) -> None:
@@ -111,6 +114,10 @@ class Receipts:
             logger.error("dyncheck: the %s checkpoint at step %d is not committed: %s", record["kind"],
                          record["step"], record["error"])
             receipt.update(status="error", error=record["error"])
+        with self._cv:
+            if self._last is not None and self._last[0] is record:
+                self._last_receipt = receipt
+            requests = list(requests)  # requests attached until now are answered here
         if not requests or self.core.poller is None:
             return
         written: set[str] = set()
@@ -126,6 +133,19 @@ class Receipts:
             finally:
                 channel.lock.release()
         self.core.poller.complete(requests, receipt, written)
+
+    def attach(self, requests: list[Request]) -> None:
+        """Rank 0: let the newest save answer ``requests`` too (they asked for what it holds while it
+        was in flight); at once if its receipt is already written."""
+        with self._cv:
+            if self._last is not None and self._last_receipt is None:
+                self._last[1].extend(requests)
+                return
+            receipt = self._last_receipt
+        if receipt is None:
+            receipt = {"status": "error", "error": "no save in flight to answer it"}
+        if self.core.poller is not None:
+            self.core.poller.complete(requests, receipt)
 
     def wait(self, timeout: float) -> bool:
         """Until every checkpoint of this rank is stored and (rank 0) answered; ``False`` on timeout."""

@@ -44,16 +44,18 @@ class Decision:
     """Steps until the next check (``check_interval: auto``)."""
     reason: str = "request"
     """Why it saves: one of ``REASONS`` (for metrics and metadata on every rank)."""
+    busy: bool = False
+    """Some rank still has a save in flight (its files not yet stored): no new save starts."""
 
     def encode(self) -> list[int]:
         return [int(self.save), _CODES[self.kind if self.save else None], int(self.stop),
-                max(1, int(self.next_interval)), REASONS.index(self.reason)]
+                max(1, int(self.next_interval)), REASONS.index(self.reason), int(self.busy)]
 
     @classmethod
     def decode(cls, values: list[int]) -> Decision:
-        save, kind, stop, interval, reason = values
+        save, kind, stop, interval, reason, busy = values
         return cls(save=bool(save), kind=_KINDS[kind] if save else None, stop=bool(stop),
-                   next_interval=max(1, interval), reason=REASONS[reason])
+                   next_interval=max(1, interval), reason=REASONS[reason], busy=bool(busy))
 
 
 class Agreement:
@@ -78,13 +80,14 @@ class Agreement:
                 self.group = dist.new_group(backend="gloo", timeout=timeout)
                 # Connect now: the first collective on a group is far slower than the rest, and
                 # would mislead the first interval chosen by `auto`.
-                dist.all_reduce(torch.zeros(5, dtype=torch.int64), group=self.group)
+                dist.all_reduce(torch.zeros(6, dtype=torch.int64), group=self.group)
 
     def agree(self, local: Decision) -> Decision:
-        """Every rank calls this at the same step. Rank 0's ``local`` is the decision."""
+        """Every rank calls this at the same step. Rank 0's ``local`` is the decision; ``stop`` and
+        ``busy`` are raised when any rank's is."""
         if self.group is None:
             return local
-        values = local.encode() if self.rank == 0 else [0, 0, int(local.stop), 0, 0]
+        values = local.encode() if self.rank == 0 else [0, 0, int(local.stop), 0, 0, int(local.busy)]
         t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return Decision.decode(t.tolist())

@@ -86,6 +86,11 @@ class DynamicCheckpointConfig:
     commit_timeout_s: float = 300.0
     """How long rank 0 waits for Ray to register a stored checkpoint before its receipt says error."""
 
+    save_mode: Literal["async", "sync"] = "async"
+    """``async``: a save blocks training only while the state is copied into host memory; the files are
+    written and uploaded in the background, one save at a time. ``sync``: training also waits for the
+    write (the upload stays in the background)."""
+
     max_save_attempts: int = 2
     """A request whose save was started this many times, each time killing the workers (e.g. out of
     memory), gets an ``error`` receipt instead of another try after the next restart."""
@@ -118,6 +123,8 @@ class DynamicCheckpointConfig:
             value = getattr(self, name)
             if not (_is_number(value) and value > 0):
                 raise _error(name, value, "set it to a number of seconds > 0, e.g. 600")
+        if self.save_mode not in ("async", "sync"):
+            raise _error("save_mode", self.save_mode, "set it to 'async' or 'sync'")
         if not (_is_int(self.max_save_attempts) and self.max_save_attempts >= 1):
             raise _error("max_save_attempts", self.max_save_attempts, "set it to an integer >= 1, e.g. 2")
         sigs = self.signals

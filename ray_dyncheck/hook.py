@@ -9,10 +9,6 @@ in a plain ``torch.distributed`` world without Ray (:class:`LocalBackend`).
 from __future__ import annotations
 
 import logging
-import pickle
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,15 +17,16 @@ import torch
 from ._channel import Request
 from ._core import Backend, WorkerCore, chosen_by_rank0, fail_together
 from ._local import LocalBackend
+from ._pipeline import SavePipeline
+from ._sharded import check_supported
 from .agree import Agreement, Decision
 from .config import DynamicCheckpointConfig, load_config
 from .state import (
     CheckpointInfo,
     Stateful,
-    capture_rank_state,
     load_checkpoint,
     read_stored_manifest,
-    write_checkpoint,
+    unwrap_model,
 )
 
 __all__ = ["Backend", "DynamicCheckpoint", "LocalBackend"]
@@ -90,9 +87,12 @@ class DynamicCheckpoint:
             backend = RayBackend()
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
+        check_supported(unwrap_model(model))
         self.global_step = 0
         self.should_stop = False
         self._core = WorkerCore(self.config, backend)  # collective: every rank constructs it here
+        self._pipeline = SavePipeline(self._core, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      extra_state=self.extra_state)  # collective too
 
     @property
     def saves(self) -> list[dict[str, Any]]:
@@ -113,6 +113,7 @@ class DynamicCheckpoint:
         receipt; the ``with`` block passes ``clean=False`` when it is left by an exception.
         """
         self._core.close(timeout, clean=clean)
+        self._pipeline.close(clean=clean)
 
     # -- resume ------------------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class DynamicCheckpoint:
             with self.backend.open(choice["path"]) as directory:
                 info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                        lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                                       rank=self.rank)
+                                       rank=self.rank, group=agreement.group)
         except Exception as exc:
             logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
@@ -199,7 +200,7 @@ class DynamicCheckpoint:
                 reason = decision.reason
             else:
                 kind, reason = "full", "schedule"
-            self._save(kind, reason, requests, metrics)
+            self._save(kind, reason, requests, metrics, agreed=decision is not None and decision.save)
         if self._core.finish(decision, requests, step, saved=saving):
             self.should_stop = True
         return decision
@@ -213,35 +214,7 @@ class DynamicCheckpoint:
     # -- saving ------------------------------------------------------------------------------------
 
     def _save(self, kind: str, reason: str, requests: Sequence[Request],
-              metrics: Mapping[str, Any] | None) -> None:
-        t0 = time.perf_counter()
-        step = self.global_step
-        try:
-            mine: dict[str, Any] = capture_rank_state(self.extra_state)
-            pickle.dumps(mine)  # gather_object pickles before it talks: fail here, not skip it
-        except Exception as exc:
-            logger.exception("dyncheck: rank %d could not capture its state at step %d", self.rank, step)
-            mine = {"error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
-        states = self._core.agreement.gather(mine)  # every rank, even after an error
-        directory: str | None = None
-        error: str | None = None
-        if self.rank == 0:
-            assert states is not None
-            errors = [s["error"] for s in states if isinstance(s, dict) and "error" in s]
-            if errors:
-                error = "; ".join(errors)
-            else:
-                try:
-                    directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
-                    write_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                     lr_scheduler=self.lr_scheduler, step=step, kind=kind,
-                                     rank_states=states)  # type: ignore[arg-type]
-                except Exception as exc:
-                    logger.exception("dyncheck: writing the %s checkpoint at step %d failed", kind, step)
-                    error = f"rank 0: {type(exc).__name__}: {exc}"
-                    if directory is not None:
-                        shutil.rmtree(directory, ignore_errors=True)
-                    directory = None
-        # Every rank reports, also when the write failed (then nobody passes a checkpoint).
-        self._core.report(step=step, kind=kind, reason=reason, requests=requests, directory=directory,
-                          error=error, metrics=metrics, t0=t0)
+              metrics: Mapping[str, Any] | None, *, agreed: bool = False) -> None:
+        if not agreed:  # a schedule or save(): every rank is here, so each may wait for its last save
+            self._core.wait_stored()
+        self._pipeline.save(kind, reason, requests, metrics, self.global_step)

@@ -1,18 +1,24 @@
 """Capture and restore training state, in files that load without unpickling code.
 
-A checkpoint directory written here holds::
+A checkpoint directory written here holds (``format_version`` 1, the plain layout, written by rank 0)::
 
     model.safetensors     the model's weights (unwrapped from DDP / torch.compile; tied weights kept once);
                           a Hugging Face model is saved with ``save_pretrained`` (config.json too)
     optimizer.pt          the optimizer's state_dict (``full`` checkpoints only)
     trainer_state.pt      step, LR scheduler, per-rank RNG states and user state
-    dyncheck.json         the manifest, written last: format, kind, step, file sizes
+    dyncheck.json         the manifest, written last: format, kind, step, every file's size
 
-Everything but the weights loads with ``torch.load(weights_only=True)``. Nothing here imports Ray.
+or, for a sharded model (``format_version`` 2, ``layout: sharded``), ``dcp/`` with every rank's shard
+(:mod:`ray_dyncheck._sharded`) instead of the weights and optimizer files.
+
+A save is two parts: :func:`capture_state` copies the state into host memory (the part that blocks
+training), :func:`write_files` writes that copy (in the background). Everything but the weights loads
+with ``torch.load(weights_only=True)``. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -29,13 +35,20 @@ import safetensors.torch
 import torch
 
 from ._files import read_capped
+from ._sharded import is_sharded, live_state, load_full_weights, load_sharded, write_sharded
+from ._snapshot import HostCopier
 
-__all__ = ["CheckpointInfo", "Stateful", "capture_rank_state", "load_checkpoint", "read_manifest",
-           "read_stored_manifest", "unwrap_model", "write_checkpoint", "write_manifest"]
+__all__ = ["Captured", "CheckpointInfo", "Stateful", "capture_rank_state", "capture_state", "load_checkpoint",
+           "read_manifest", "read_stored_manifest", "unwrap_model", "write_checkpoint", "write_files",
+           "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+"""The plain layout (rank 0 writes everything)."""
+SHARDED_FORMAT_VERSION = 2
+"""Every rank writes its shard with DCP."""
+KNOWN_VERSIONS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer_state.pt"
@@ -108,16 +121,26 @@ def _is_hf_model(module: torch.nn.Module) -> bool:
                                                                            "to_json_string")
 
 
-def _save_weights(module: torch.nn.Module, directory: str, step: int) -> list[str]:
-    """Weights in safetensors; a HF model in its own ``save_pretrained`` layout (config.json,
-    possibly sharded), so ``from_pretrained(directory)`` loads it as is."""
+def _save_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], directory: str, step: int) -> list[str]:
+    """``weights`` (a host copy of ``module``'s state, tied names dropped) in safetensors; a HF model in
+    its own ``save_pretrained`` layout (config.json, possibly sharded), so ``from_pretrained(directory)``
+    loads it as is."""
     if _is_hf_model(module):
         before = set(os.listdir(directory))
-        module.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
+        module.save_pretrained(directory, state_dict=weights, safe_serialization=True)  # type: ignore[operator]
         return sorted(set(os.listdir(directory)) - before)
-    safetensors.torch.save_model(module, os.path.join(directory, MODEL_FILE),
-                                 metadata={"format": "pt", "step": str(step)})
+    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, MODEL_FILE),
+                                metadata={"format": "pt", "step": str(step)})
     return [MODEL_FILE]
+
+
+def _untied_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with each shared tensor under one name (as ``safetensors.save_model``)."""
+    state = module.state_dict()
+    for removed in safetensors.torch._remove_duplicate_names(state).values():
+        for name in removed:
+            del state[name]
+    return state
 
 
 def _load_weights(module: torch.nn.Module, directory: str, files: Mapping[str, int], device: torch.device) -> None:
@@ -154,32 +177,43 @@ def capture_rank_state(extra_state: Mapping[str, Stateful] | None) -> dict[str, 
     return {"rng": _rng_state(), "extra": extra}
 
 
-def write_checkpoint(
-    directory: str,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    lr_scheduler: Any | None,
-    step: int,
-    kind: str,
-    rank_states: Sequence[Mapping[str, Any]],
-) -> dict[str, int]:
-    """Write one checkpoint into a local ``directory`` (rank 0). Returns ``{file: bytes}``.
+@dataclass
+class Captured:
+    """One rank's training state in host memory, ready to be written in the background."""
 
-    ``kind="weights"`` leaves out the optimizer's state. The manifest is written last, so a
-    directory without it is not a complete checkpoint.
-    """
-    os.makedirs(directory, exist_ok=True)
+    kind: str
+    step: int
+    sharded: bool
+    tensors: dict[str, Any]
+    """Plain layout: ``{"model": weights, "optim": optimizer state_dict}``; sharded: DCP's state."""
+    lr_scheduler: dict[str, Any] | None
+    module: torch.nn.Module
+    """The unwrapped model (``save_pretrained`` and its config for a Hugging Face model)."""
+
+
+def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
+                  *, kind: str, step: int, copier: HostCopier) -> Captured:
+    """Copy what a ``kind`` checkpoint holds into host memory: the only part of a save that blocks
+    training. A sharded model is captured on every rank (its shard), a plain one on rank 0."""
     module = unwrap_model(model)
-    files = _save_weights(module, directory, step)
-    if kind == "full" and optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-        files.append(OPTIMIZER_FILE)
+    sharded = is_sharded(module)
+    if sharded:
+        live = live_state(module, optimizer, kind)
+    else:
+        live = {"model": _untied_state_dict(module)}
+        if kind == "full" and optimizer is not None:
+            live["optim"] = optimizer.state_dict()
+    sched = copy.deepcopy(lr_scheduler.state_dict()) if lr_scheduler is not None else None
+    return Captured(kind=kind, step=step, sharded=sharded, tensors=copier.copy(live), lr_scheduler=sched,
+                    module=module)
+
+
+def _trainer_state(captured: Captured, rank_states: Sequence[Mapping[str, Any]]) -> bytes:
     trainer_state = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "kind": kind,
-        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "format_version": SHARDED_FORMAT_VERSION if captured.sharded else FORMAT_VERSION,
+        "step": captured.step,
+        "kind": captured.kind,
+        "lr_scheduler": captured.lr_scheduler,
         "ranks": list(rank_states),
     }
     buf = io.BytesIO()
@@ -193,14 +227,61 @@ def write_checkpoint(
             f"torch.load(weights_only=True) refuses: {exc}. Keep extra_state to tensors, numbers, "
             "strings, lists and dicts"
         ) from None
-    with open(os.path.join(directory, TRAINER_FILE), "wb") as f:
-        f.write(buf.getvalue())
-    files.append(TRAINER_FILE)
+    return buf.getvalue()
+
+
+def write_files(directory: str, captured: Captured, *, rank: int, rank_states: Sequence[Mapping[str, Any]] | None,
+                group: Any = None) -> dict[str, int]:
+    """Write this rank's files of a checkpoint into a local ``directory``; ``{file: bytes}``.
+
+    Sharded: every rank, at the same point (a collective on ``group``). Plain: rank 0 only.
+    ``rank_states`` (rank 0): every rank's :func:`capture_rank_state`. The manifest is not written here.
+    """
+    os.makedirs(directory, exist_ok=True)
+    files: list[str] = []
+    if captured.sharded:
+        files += write_sharded(directory, captured.tensors, group)
+        if rank == 0 and _is_hf_model(captured.module):  # for `export` to a from_pretrained folder
+            with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+                f.write(captured.module.config.to_json_string())  # type: ignore[union-attr,operator]
+            files.append("config.json")
+    else:
+        files += _save_weights(captured.module, captured.tensors["model"], directory, captured.step)
+        if "optim" in captured.tensors:
+            torch.save(captured.tensors["optim"], os.path.join(directory, OPTIMIZER_FILE))
+            files.append(OPTIMIZER_FILE)
+    if rank == 0:
+        with open(os.path.join(directory, TRAINER_FILE), "wb") as f:
+            f.write(_trainer_state(captured, rank_states or []))
+        files.append(TRAINER_FILE)
+    return {name: os.path.getsize(os.path.join(directory, name)) for name in files}
+
+
+def write_checkpoint(
+    directory: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    lr_scheduler: Any | None,
+    step: int,
+    kind: str,
+    rank_states: Sequence[Mapping[str, Any]],
+) -> dict[str, int]:
+    """Write one plain-layout checkpoint into a local ``directory`` now (rank 0). Returns ``{file: bytes}``.
+
+    ``kind="weights"`` leaves out the optimizer's state. The manifest is written last, so a
+    directory without it is not a complete checkpoint.
+    """
+    captured = capture_state(model, optimizer, lr_scheduler, kind=kind, step=step, copier=HostCopier())
+    if captured.sharded:
+        raise ValueError("write_checkpoint writes the plain layout; a sharded model is saved by every rank "
+                         "through DynamicCheckpoint")
+    files = write_files(directory, captured, rank=0, rank_states=rank_states)
     return write_manifest(directory, files, kind=kind, step=step, world_size=len(rank_states))
 
 
 def write_manifest(directory: str, files: Sequence[str] | Mapping[str, int], *, kind: str, step: int,
-                   world_size: int, **extra: Any) -> dict[str, int]:
+                   world_size: int, format_version: int = FORMAT_VERSION, **extra: Any) -> dict[str, int]:
     """Write the manifest of ``files`` (paths relative to ``directory``): the last file of a
     checkpoint, so :func:`read_manifest` can tell a complete one. Returns ``{file: bytes}``.
 
@@ -209,11 +290,18 @@ def write_manifest(directory: str, files: Sequence[str] | Mapping[str, int], *, 
     """
     sizes = (dict(files) if isinstance(files, Mapping)
              else {name: os.path.getsize(os.path.join(directory, name)) for name in files})
-    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "world_size": world_size,
+    manifest = {"format_version": format_version, "kind": kind, "step": step, "world_size": world_size,
                 **extra, "files": sizes}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     return sizes
+
+
+def _check_version(manifest: Mapping[str, Any], where: str) -> None:
+    if manifest.get("format_version") not in KNOWN_VERSIONS:
+        raise ValueError(f"checkpoint {where} has format_version {manifest.get('format_version')!r}; this "
+                         f"ray_dyncheck reads {', '.join(map(str, KNOWN_VERSIONS))}: upgrade ray_dyncheck to "
+                         "load it")
 
 
 def read_manifest(directory: str) -> dict[str, Any] | None:
@@ -227,9 +315,7 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
         return None
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {directory} has format_version "
-                         f"{manifest.get('format_version')!r}; this ray_dyncheck reads {FORMAT_VERSION}")
+    _check_version(manifest, directory)
     for name, size in manifest["files"].items():
         file = os.path.join(directory, name)
         if not os.path.isfile(file) or os.path.getsize(file) != size:
@@ -255,9 +341,7 @@ def read_stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | Non
         kind, step = manifest["kind"], int(manifest["step"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"checkpoint {path} has a malformed {MANIFEST_FILE}: {exc}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {manifest.get('format_version')!r}; this "
-                         f"ray_dyncheck reads {FORMAT_VERSION}")
+    _check_version(manifest, path)
     names = list(files)
     for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
         if info.type != pafs.FileType.File or info.size != files[name]:
@@ -273,8 +357,10 @@ def load_checkpoint(
     lr_scheduler: Any | None,
     extra_state: Mapping[str, Stateful] | None,
     rank: int,
+    group: Any = None,
 ) -> CheckpointInfo:
-    """Load a checkpoint written by :func:`write_checkpoint` into live objects, on one rank."""
+    """Load a checkpoint into live objects. Every rank calls it: a sharded checkpoint (or a sharded
+    model) loads collectively, on ``group`` (a gloo group; ``None`` without a process group)."""
     manifest = read_manifest(directory)
     if manifest is None:
         raise ValueError(f"{directory} is not a ray_dyncheck checkpoint (no {MANIFEST_FILE})")
@@ -282,14 +368,28 @@ def load_checkpoint(
         raise ValueError(f"{directory} was written by DynamicCheckpointCallback (a Hugging Face Trainer "
                          "checkpoint): resume it with trainer.train(resume_from_checkpoint=rdc.hf_resume_path())")
     module = unwrap_model(model)
-    device = next(iter(module.parameters()), torch.empty(0)).device
-    _load_weights(module, directory, manifest["files"], device)
     state = torch.load(os.path.join(directory, TRAINER_FILE), weights_only=True)
-    loaded_optimizer = False
-    if optimizer is not None and OPTIMIZER_FILE in manifest["files"]:
-        optimizer.load_state_dict(
-            torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True, map_location=device))
-        loaded_optimizer = True
+    if manifest.get("layout") == "sharded":  # any world size, into a sharded or a plain model
+        loaded_optimizer = load_sharded(directory, module, optimizer, group)
+    elif is_sharded(module):  # a plain checkpoint into a sharded model: every rank keeps its shard
+        weights: dict[str, torch.Tensor] = {}
+        for name in sorted(manifest["files"]):
+            if name.endswith(".safetensors"):
+                weights.update(safetensors.torch.load_file(os.path.join(directory, name)))
+        load_full_weights(module, weights)
+        loaded_optimizer = False
+        if optimizer is not None and OPTIMIZER_FILE in manifest["files"]:
+            _load_plain_optimizer_into_sharded(
+                module, optimizer, torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+            loaded_optimizer = True
+    else:
+        device = next(iter(module.parameters()), torch.empty(0)).device
+        _load_weights(module, directory, manifest["files"], device)
+        loaded_optimizer = False
+        if optimizer is not None and OPTIMIZER_FILE in manifest["files"]:
+            optimizer.load_state_dict(
+                torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True, map_location=device))
+            loaded_optimizer = True
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     ranks = state["ranks"]
@@ -305,3 +405,22 @@ def load_checkpoint(
                        "extra_state", directory, len(ranks), rank)
     return CheckpointInfo(path=directory, step=int(state["step"]), kind=str(state["kind"]),
                           loaded_optimizer=loaded_optimizer)
+
+
+def _load_plain_optimizer_into_sharded(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                       saved: Mapping[str, Any]) -> None:
+    """A plain ``optimizer.state_dict()`` (keyed by parameter index) into the optimizer of the same
+    model sharded: indices become the parameters' names, then every rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(params) != len(saved_ids) or any(id(p) not in names for p in params):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved_ids)} parameters in "
+                         f"{len(saved['param_groups'])} group(s), this one {len(params)} in "
+                         f"{len(optimizer.param_groups)}: build the optimizer as the saved run did")
+    fqn = {i: names[id(p)] for i, p in zip(saved_ids, params)}
+    state: dict[str, Any] = {"state": {fqn[i]: v for i, v in saved["state"].items()},
+             "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -188,3 +188,86 @@ def restore_worker(rank: int, world_size: int, port: int, run_dir: str, plan: st
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     dist.destroy_process_group()
+
+
+def _fsdp_model(world_size: int, shard: bool = True) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    if shard and world_size > 1:
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def _full_weights(model: torch.nn.Module) -> dict[str, list]:
+    """Every parameter gathered (a collective for DTensors), as lists for JSON."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name] = t.detach().reshape(-1).tolist()
+    return out
+
+
+def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, case: dict) -> None:
+    """FSDP2 (``fully_shard``) over gloo with the hook and ``LocalBackend``.
+
+    ``case``: ``steps``; ``restore`` (resume first); ``shard`` (False: a plain model, no FSDP);
+    ``save_at`` (manual full saves); ``touch_at`` (rank 0 touches the trigger); ``plan`` (a faultfs
+    plan file for the run directory); ``kind``/``layout`` of what to compare. Every rank records
+    the full weights after each step in ``rank<r>.json``, and the steps a save was in flight.
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    _init(rank, world_size, port)
+    model = _fsdp_model(world_size, case.get("shard", True))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    backend_kw = {}
+    if case.get("plan"):
+        from faultfs import fault_fs
+
+        backend_kw["filesystem"] = fault_fs(case["plan"])
+    cfg = {"check_interval": case.get("check_interval", 2), "poll_interval_s": 0.05,
+           "collective_timeout_s": 60, "save_mode": case.get("save_mode", "async")}
+    dc = rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, lr_scheduler=sched,
+                               backend=rdc.LocalBackend(run_dir, **backend_kw))
+    record: dict = {"weights": {}, "in_flight": [], "decisions": []}
+    info = dc.restore() if case.get("restore") else None
+    if info is not None:
+        record["restored"] = [info.step, info.kind, info.loaded_optimizer]
+        record["weights"][str(info.step)] = _full_weights(model)
+    while dc.global_step < case.get("steps", 10):
+        step = dc.global_step
+        if rank == 0 and step in case.get("touch_at", []):
+            _act(run_dir, "touch")
+            deadline = time.time() + 30  # until claimed: the next check serves it, whatever the speed
+            while os.path.exists(os.path.join(run_dir, "dyncheck.save")) and time.time() < deadline:
+                time.sleep(0.02)
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x = torch.randn(4, 8, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        time.sleep(case.get("step_time", 0.0))
+        decision = dc.step(metrics={"loss": loss.detach()})
+        if decision is not None and decision.save:
+            record["decisions"].append(dc.global_step)
+        if dc.global_step in case.get("save_at", []):
+            dc.save(case.get("kind", "full"))
+        if dc._core.in_flight:
+            record["in_flight"].append(dc.global_step)
+        record["weights"][str(dc.global_step)] = _full_weights(model)
+    dc.close()
+    record["saves"] = dc.saves
+    record["blocked_s"] = dc._pipeline.last_blocked_s
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()

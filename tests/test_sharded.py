@@ -1,0 +1,110 @@
+"""Sharded models (FSDP2 ``fully_shard``, DTensor parameters) on real gloo ranks, no Ray: every rank
+writes its shard in the background, a checkpoint lists every rank's files, resume is bitwise at the
+same world size and reshards to others; async saves keep training going and never overlap."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ray_dyncheck as rdc
+from faultfs import set_plan
+from gloo_workers import fsdp_worker, run_ranks
+
+
+def _run(tmp_path, name, world_size, run_dir, **case):
+    out = tmp_path / name
+    out.mkdir()
+    run_ranks(fsdp_worker, world_size, str(run_dir), str(out), case)
+    return [json.load(open(out / f"rank{r}.json")) for r in range(world_size)]
+
+
+def _checkpoints(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One 2-rank FSDP2 run: a trigger at step 3 saves the state of step 4 (check_interval 2); run to 8."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    run_dir = tmp / "run"
+    ranks = _run(tmp, "a", 2, run_dir, steps=8, touch_at=[3])
+    return tmp, run_dir, ranks
+
+
+@pytest.mark.timeout(300)
+def test_trigger_saves_one_sharded_checkpoint_with_every_ranks_files(saved):
+    _, run_dir, ranks = saved
+    names = _checkpoints(run_dir)
+    assert len(names) == 1, names
+    ckpt = os.path.join(run_dir, names[0])
+    manifest = json.load(open(os.path.join(ckpt, "dyncheck.json")))
+    assert manifest["format_version"] == 2 and manifest["layout"] == "sharded"
+    assert manifest["kind"] == "full" and manifest["step"] == 4 and manifest["world_size"] == 2
+    files = manifest["files"]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "trainer_state.pt"} <= set(files)
+    for name, size in files.items():  # every rank's file, complete
+        assert os.path.getsize(os.path.join(ckpt, name)) == size, name
+    assert os.path.isfile(os.path.join(ckpt, ".dyncheck-committed"))
+    assert not os.path.exists(os.path.join(ckpt, "model.safetensors")), "nothing gathered to rank 0"
+    receipts = os.listdir(os.path.join(run_dir, ".dyncheck", "receipts"))
+    receipt = json.load(open(os.path.join(run_dir, ".dyncheck", "receipts", receipts[0])))
+    assert receipt["status"] == "ok" and receipt["step"] == 4, receipt
+    meta = json.load(open(os.path.join(ckpt, ".metadata.json")))
+    assert meta["kind"] == "full" and meta["reason"] == "trigger" and meta["world_size"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_resume_at_two_ranks_is_bitwise(saved):
+    tmp, run_dir, ranks = saved
+    again = _run(tmp, "b", 2, run_dir, steps=8, restore=True)
+    assert again[0]["restored"] == [4, "full", True]
+    assert again[0]["weights"]["4"] == ranks[0]["weights"]["4"]
+    assert again[0]["weights"]["8"] == ranks[0]["weights"]["8"], "continuation differs from never stopping"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size,shard", [(1, False), (1, True), (4, True)])
+def test_resume_reshards_to_another_world_size(saved, world_size, shard):
+    tmp, run_dir, ranks = saved
+    got = _run(tmp, f"ws{world_size}{shard}", world_size, run_dir, steps=6, restore=True, shard=shard,
+               check_interval=100)
+    assert got[0]["restored"] == [4, "full", True]
+    want = ranks[0]["weights"]["4"]
+    for name, values in got[0]["weights"]["4"].items():
+        assert torch.equal(torch.tensor(values), torch.tensor(want[name])), name
+    assert "6" in got[0]["weights"], "trains on after a resharded resume"
+
+
+@pytest.mark.timeout(300)
+def test_async_save_lets_training_go_on_and_a_request_meanwhile_waits(tmp_path):
+    """The store hangs 1.5 s: steps go on while it is in flight; a trigger touched meanwhile is saved
+    at the first check after it is stored, as a second checkpoint (never two at once)."""
+    run_dir, plan = tmp_path / "run", str(tmp_path / "plan.json")
+    set_plan(plan, [{"op": "open_output_stream", "path": "/checkpoint_", "action": "hang", "seconds": 1.5,
+                     "times": 1, "rank": 0}])
+    ranks = _run(tmp_path, "a", 2, run_dir, steps=60, touch_at=[3, 9], plan=plan, step_time=0.05)
+    in_flight = ranks[0]["in_flight"]
+    assert len(in_flight) >= 5, f"training advanced while the save was in flight: {in_flight}"
+    steps = [s["step"] for s in ranks[0]["saves"]]
+    assert len(steps) == 2 and steps[0] == 4 and steps[1] > max(in_flight[:5]), (steps, in_flight)
+    assert len(_checkpoints(run_dir)) == 2
+    got = [json.load(open(os.path.join(run_dir, ".dyncheck", "receipts", n)))
+           for n in sorted(os.listdir(os.path.join(run_dir, ".dyncheck", "receipts")))]
+    assert sorted(r["step"] for r in got) == steps and all(r["status"] == "ok" for r in got), got
+
+
+@pytest.mark.timeout(120)
+def test_fsdp1_and_deepspeed_are_refused_when_the_hook_is_created(tmp_path):
+    class FullyShardedDataParallel(torch.nn.Module):  # what FSDP1's wrapper is called
+        pass
+
+    class DeepSpeedEngine(torch.nn.Module):
+        pass
+
+    for wrapper, words in ((FullyShardedDataParallel, "FSDP1"), (DeepSpeedEngine, "DeepSpeed")):
+        with pytest.raises(ValueError, match=f"{words}.*Supported: .*fully_shard"):
+            rdc.DynamicCheckpoint({"enabled": False}, model=wrapper(), backend=rdc.LocalBackend(str(tmp_path)))
