@@ -6,7 +6,10 @@ checking every step and CUDA tensors passed as ``metrics``:
   phase 1: 300 steps under ``torch.cuda.set_sync_debug_mode("error")`` (any implicit host-device
            sync raises), the trigger never present;
   phase 2: the trigger is touched; sync debugging is relaxed (saving copies weights to the host,
-           which must sync) and the step that saves is recorded; then strict mode again for 100 steps.
+           which must sync: one wait, into pinned buffers) and the step that saves is recorded;
+  phase 3: strict mode again for 100 steps, while the asynchronous save is still written and stored
+           in the background (it works on the host copy only); then the checkpoint must be committed
+           and restore into a fresh model.
 
     python benchmarks/gpu_sync_check.py            # prints PASS/FAIL lines and exits 0 on success
 """
@@ -76,23 +79,26 @@ def main() -> int:
         d = dc.step(metrics={"loss": train_step()})
         if d is not None and d.save:
             saved_at = dc.global_step
-    ckpts = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_")]
-    if saved_at is None or len(ckpts) != 1:
-        ok = False
-        print(f"FAIL phase 2: expected one checkpoint, got {ckpts} (saved_at={saved_at})")
-    else:
-        print(f"PASS phase 2: trigger -> one checkpoint at step {saved_at}: {ckpts[0]}")
+    in_flight = dc._core.in_flight
+    print(f"{'PASS' if saved_at else 'FAIL'} phase 2: trigger -> save at step {saved_at}, training blocked "
+          f"{dc._pipeline.last_blocked_s * 1e3:.1f} ms; still writing in the background: {in_flight}")
+    ok = ok and saved_at is not None
 
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(100):
             dc.step(metrics={"loss": train_step()})
-        print("PASS phase 3: 100 more steps after the save, no GPU sync")
+        print("PASS phase 3: 100 more steps after the save (its write in the background), no GPU sync")
     except RuntimeError as exc:
         ok = False
         print(f"FAIL phase 3: {exc}")
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    dc._core.wait_stored()
+    ckpts = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_")]
+    if len(ckpts) != 1 or not os.path.exists(os.path.join(run_dir, ckpts[0], ".dyncheck-committed")):
+        ok = False
+        print(f"FAIL: expected one committed checkpoint, got {ckpts}")
 
     fresh = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)).to(dev)
     info = rdc.DynamicCheckpoint({"enabled": False}, model=fresh, backend=rdc.LocalBackend(run_dir)).restore()

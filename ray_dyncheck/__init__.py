@@ -14,6 +14,7 @@ from .client import request_save, run_status
 from .config import DynamicCheckpointConfig, load_config
 from .driver import fit
 from .errors import CheckpointRestoreError, CheckpointUploadError, RunNotFoundError
+from .export import export_checkpoint
 from .hook import DynamicCheckpoint
 from .state import CheckpointInfo, Stateful
 
@@ -43,6 +44,7 @@ __all__ = [
     "Request",
     "RunNotFoundError",
     "Stateful",
+    "export_checkpoint",
     "fit",
     "load_config",
     "request_save",

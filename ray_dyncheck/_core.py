@@ -171,13 +171,13 @@ class WorkerCore:
 
     @property
     def in_flight(self) -> bool:
-        """This rank has a save whose files are not yet stored (rank 0: or not yet committed)."""
-        return self._receipts.busy > 0
+        """This rank has a save whose files are not yet written and stored (its host copy is held)."""
+        return self._receipts.storing > 0
 
     def wait_stored(self) -> None:
         """Before a save that was not agreed at a check (a schedule, ``save()``): let this rank's
-        previous save finish, so at most one is in flight. Every rank saves, so none waits alone."""
-        if self.in_flight and not self._receipts.wait(self.config.commit_timeout_s + 60.0):
+        previous save be stored, so at most one is in flight. Every rank saves, so none waits alone."""
+        if self.in_flight and not self._receipts.wait_stored(self.config.commit_timeout_s + 60.0):
             logger.error("dyncheck: the previous save is still in flight after %.0f s; saving anyway",
                          self.config.commit_timeout_s + 60.0)
 

@@ -31,6 +31,8 @@ class Receipts:
     def __init__(self, core: WorkerCore) -> None:
         self.core = core
         self.busy = 0
+        self.storing = 0
+        """Checkpoints of this rank whose files are not yet stored (a save in flight)."""
         self._cv = threading.Condition()
         self._queue: list[tuple[dict[str, Any], list[Request], float, str]] = []
         self._thread: threading.Thread | None = None
@@ -42,6 +44,7 @@ class Receipts:
         """Count one checkpoint in flight on this rank; the returned ``on_done`` settles it once."""
         with self._cv:
             self.busy += 1
+            self.storing += 1
             self._last, self._last_receipt = (record, requests), None
         settled = [False]
 
@@ -50,6 +53,8 @@ class Receipts:
                 if settled[0]:
                     return
                 settled[0] = True
+                self.storing -= 1
+                self._cv.notify_all()
             try:
                 record["path"] = path
                 if self.core.rank != 0:
@@ -146,6 +151,17 @@ class Receipts:
             receipt = {"status": "error", "error": "no save in flight to answer it"}
         if self.core.poller is not None:
             self.core.poller.complete(requests, receipt)
+
+    def wait_stored(self, timeout: float) -> bool:
+        """Until this rank's checkpoints are all stored; ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self.storing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
 
     def wait(self, timeout: float) -> bool:
         """Until every checkpoint of this rank is stored and (rank 0) answered; ``False`` on timeout."""

@@ -6,6 +6,10 @@ RUN is the run directory, ``<storage_path>/<name>`` (a path, or a URI such as
     ray-dyncheck save RUN [--weights-only] [--stop] [--wait] [--timeout S]
     ray-dyncheck stop RUN [--full] [--wait] [--timeout S]
     ray-dyncheck status RUN [--json]
+    ray-dyncheck export CHECKPOINT --out DIR
+
+``export`` writes a checkpoint's full weights (a sharded one consolidated) as ``DIR/model.safetensors``,
+with ``config.json`` when the model was a Hugging Face one (then ``from_pretrained(DIR)`` loads it).
 
 ``status`` marks each checkpoint directory ``committed`` (a new run resumes from it), ``torn`` (files
 missing or truncated) or ``uncommitted`` (never registered: not resumed from).
@@ -19,6 +23,7 @@ import sys
 from typing import Any, Sequence
 
 from .client import RunNotFoundError, request_save, run_status
+from .export import export_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the run's checkpoints, pending requests and receipts")
     status.add_argument("run", metavar="RUN")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    export = sub.add_parser("export", help="a checkpoint's full weights as safetensors (sharded ones consolidated)")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, a path or URI")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new or empty local folder")
     return p
 
 
@@ -45,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "status":
             return _status(run_status(args.run), as_json=args.json)
+        if args.command == "export":
+            return _export(args.checkpoint, args.out)
         if args.command == "save":
             kind, stop = ("weights" if args.weights_only else "full"), args.stop
         else:
@@ -66,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"ray-dyncheck: request {receipt['id']} {receipt['status']}: {receipt.get('error')}", file=sys.stderr)
     return 1
+
+
+def _export(checkpoint: str, out: str) -> int:
+    try:
+        files = export_checkpoint(checkpoint, out)
+    except (ValueError, OSError) as exc:
+        print(f"ray-dyncheck: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} -> {out}: {', '.join(files)}")
+    return 0
 
 
 def _status(status: dict[str, Any], *, as_json: bool) -> int:

@@ -249,6 +249,13 @@ def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, c
             deadline = time.time() + 30  # until claimed: the next check serves it, whatever the speed
             while os.path.exists(os.path.join(run_dir, "dyncheck.save")) and time.time() < deadline:
                 time.sleep(0.02)
+        if rank == 0 and str(step) in case.get("request_at", {}):
+            body = case["request_at"][str(step)]
+            _act(run_dir, "request:" + json.dumps(body))
+            pending = os.path.join(run_dir, ".dyncheck", "requests", f"{body['id']}.json")
+            deadline = time.time() + 30
+            while os.path.exists(pending) and time.time() < deadline:
+                time.sleep(0.02)
         g = torch.Generator().manual_seed(1000 * step + rank)
         x = torch.randn(4, 8, generator=g)
         loss = model(x).pow(2).mean()
@@ -265,6 +272,8 @@ def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, c
         if dc._core.in_flight:
             record["in_flight"].append(dc.global_step)
         record["weights"][str(dc.global_step)] = _full_weights(model)
+        if dc.should_stop:
+            break
     dc.close()
     record["saves"] = dc.saves
     record["blocked_s"] = dc._pipeline.last_blocked_s

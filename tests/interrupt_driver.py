@@ -3,7 +3,7 @@
     python tests/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps] [extra JSON]
 
 ``extra``: ``{"plan": PATH}`` stores the run on ``faultfs.fault_fs(PATH)``; ``{"actions": {step: [...]}}``
-adds rank 0's actions (see ``ray_workloads.act``).
+adds rank 0's actions (see ``ray_workloads.act``); ``{"model": "fsdp"}`` shards the model with FSDP2.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> int:
     trainer = TorchTrainer(
         ray_workloads.train_fn,
         train_loop_config={"steps": steps, "step_time": 0.02, "dynamic_checkpoint": dc, "out": out,
-                           "actions": actions},
+                           "actions": actions, "model": extra.get("model")},
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=fs),
     )

@@ -36,7 +36,15 @@ def train_fn(config: dict) -> None:
     with open(os.path.join(out, f"pid{rank}"), "w") as f:  # for tests that kill a worker by pid
         f.write(str(os.getpid()))
     torch.manual_seed(0)
-    model = prepare_model(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1)))
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1))
+    if config.get("model") == "fsdp" and ctx.get_world_size() > 1:  # FSDP2: every rank holds a shard
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[3]):
+            fully_shard(layer)
+        model = fully_shard(model)
+    elif config.get("model") != "fsdp":
+        model = prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
     checks = []
@@ -70,9 +78,11 @@ def train_fn(config: dict) -> None:
               "restored": None if info is None else [info.step, info.kind]}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    inner = model.module if hasattr(model, "module") else model
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()  # every rank: a collective
+            for k, v in inner.state_dict().items()}
     if rank == 0:
-        inner = model.module if hasattr(model, "module") else model
-        torch.save({k: v.clone() for k, v in inner.state_dict().items()}, os.path.join(out, "final.pt"))
+        torch.save(full, os.path.join(out, "final.pt"))
 
 
 def act(run_dir: str, action: str, out: str = "") -> None:
@@ -111,8 +121,9 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         while time.time() < deadline and not (os.path.isdir(folder) and any(
                 n.startswith(rid) and not n.startswith(".") for n in os.listdir(folder))):
             time.sleep(0.05)
-    elif action.startswith("fault:"):  # faults for this process only (gone after a restart): faultfs's plan
-        rules = [dict(r, pid=os.getpid()) for r in json.loads(action.split(":", 1)[1])]
+    elif action.startswith(("fault:", "fault_rank1:")):  # faults for this process (or rank 1's) only
+        pid = os.getpid() if action.startswith("fault:") else int(open(os.path.join(out, "pid1")).read())
+        rules = [dict(r, pid=pid) for r in json.loads(action.split(":", 1)[1])]
         plan = os.path.join(out, "plan.json")
         with open(f"{plan}.tmp", "w") as f:
             json.dump(rules, f)

@@ -108,3 +108,52 @@ def test_fsdp1_and_deepspeed_are_refused_when_the_hook_is_created(tmp_path):
     for wrapper, words in ((FullyShardedDataParallel, "FSDP1"), (DeepSpeedEngine, "DeepSpeed")):
         with pytest.raises(ValueError, match=f"{words}.*Supported: .*fully_shard"):
             rdc.DynamicCheckpoint({"enabled": False}, model=wrapper(), backend=rdc.LocalBackend(str(tmp_path)))
+
+
+@pytest.mark.timeout(300)
+def test_plain_checkpoint_loads_into_the_same_model_sharded(tmp_path):
+    """A plain-layout checkpoint (unsharded model) into FSDP2 at 2 ranks: weights and optimizer state
+    (its parameter indices mapped to names) land in every rank's shard."""
+    run_dir = tmp_path / "run"
+    plain = _run(tmp_path, "plain", 2, run_dir, steps=5, shard=False, save_at=[3], check_interval=100)
+    ckpt = os.path.join(run_dir, _checkpoints(run_dir)[0])
+    assert json.load(open(os.path.join(ckpt, "dyncheck.json")))["format_version"] == 1
+    got = _run(tmp_path, "sharded", 2, run_dir, steps=5, restore=True, check_interval=100)
+    assert got[0]["restored"] == [3, "full", True]
+    assert got[0]["weights"]["3"] == plain[0]["weights"]["3"]
+
+
+@pytest.mark.timeout(300)
+def test_export_consolidates_a_sharded_checkpoint_into_plain_weights(saved, tmp_path):
+    import safetensors.torch
+
+    from gloo_workers import _fsdp_model
+
+    _, run_dir, ranks = saved
+    ckpt = os.path.join(run_dir, _checkpoints(run_dir)[0])
+    out = tmp_path / "export"
+    assert rdc.export_checkpoint(ckpt, str(out)) == ["model.safetensors"]
+    model = _fsdp_model(1, shard=False)
+    safetensors.torch.load_model(model, str(out / "model.safetensors"), strict=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().reshape(-1), torch.tensor(ranks[0]["weights"]["4"][name])), name
+    with pytest.raises(ValueError, match="not empty"):
+        rdc.export_checkpoint(ckpt, str(out))
+    with pytest.raises(ValueError, match="not a ray_dyncheck checkpoint"):
+        rdc.export_checkpoint(str(run_dir), str(tmp_path / "x"))
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_during_a_save_in_flight_is_answered_by_that_save(tmp_path):
+    """A full save is in flight (its store hangs); a weights-and-stop request arrives: every rank stops
+    at the next check with no second save, and the request's receipt is the full checkpoint's."""
+    run_dir, plan = tmp_path / "run", str(tmp_path / "plan.json")
+    set_plan(plan, [{"op": "open_output_stream", "path": "/checkpoint_", "action": "hang", "seconds": 1.5,
+                     "times": 1, "rank": 0}])
+    stop = {"id": "stop1", "kind": "weights", "stop": True}
+    ranks = _run(tmp_path, "a", 2, run_dir, steps=100, touch_at=[3], request_at={"5": stop}, plan=plan)
+    assert [s["step"] for s in ranks[0]["saves"]] == [4], "no second save"
+    final = max(int(k) for k in ranks[0]["weights"])
+    assert final == 6 and max(int(k) for k in ranks[1]["weights"]) == 6, "both ranks stopped at the check"
+    receipt = json.load(open(os.path.join(run_dir, ".dyncheck", "receipts", "stop1.json")))
+    assert receipt["status"] == "ok" and receipt["step"] == 4 and receipt["kind"] == "full", receipt

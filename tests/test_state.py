@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -125,6 +126,21 @@ def test_incomplete_checkpoint_is_detected(tmp_path):
     with pytest.raises(ValueError, match="is incomplete: model.safetensors is missing or truncated$"):
         read_manifest(str(tmp_path))
     assert read_manifest(str(tmp_path / "nothing")) is None
+
+
+def test_unknown_format_version_is_refused_with_the_fix(tmp_path):
+    import pyarrow.fs as pafs
+
+    from ray_dyncheck.state import read_stored_manifest
+
+    write_checkpoint(str(tmp_path), model=torch.nn.Linear(3, 2), optimizer=None, lr_scheduler=None, step=1,
+                     kind="full", rank_states=[capture_rank_state(None)])
+    manifest = json.load(open(tmp_path / "dyncheck.json"))
+    json.dump({**manifest, "format_version": 99}, open(tmp_path / "dyncheck.json", "w"))
+    with pytest.raises(ValueError, match="format_version 99; this ray_dyncheck reads 1, 2: upgrade"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(ValueError, match="format_version 99"):
+        read_stored_manifest(pafs.LocalFileSystem(), str(tmp_path))
 
 
 def test_unwrap_model():

@@ -1,0 +1,78 @@
+"""Consolidate a checkpoint into plain weights: ``ray-dyncheck export CHECKPOINT --out DIR``.
+
+Any checkpoint ray_dyncheck wrote (plain or sharded, on a local path or a URI) becomes one
+``model.safetensors`` of full tensors, named as the model's ``state_dict()``, which loads into the
+unsharded model with ``load_state_dict`` / ``safetensors.torch.load_model``; with the model's
+``config.json`` when the checkpoint carries one, so the folder is a Hugging Face ``save_pretrained``
+layout that ``from_pretrained(DIR)`` loads. One process, no process group, no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pyarrow.fs as pafs
+import safetensors.torch
+import torch
+
+from ._files import resolve_run_dir
+from ._sharded import read_consolidated
+from .state import MODEL_FILE, read_stored_manifest
+
+__all__ = ["export_checkpoint"]
+
+
+@contextlib.contextmanager
+def _local(checkpoint: str) -> Iterator[tuple[str, dict]]:
+    fs, path = resolve_run_dir(checkpoint)
+    try:
+        manifest = read_stored_manifest(fs, path)
+    except FileNotFoundError:
+        manifest = None
+    if manifest is None:
+        raise ValueError(f"{checkpoint} is not a ray_dyncheck checkpoint (no dyncheck.json): pass a checkpoint "
+                         "directory, e.g. one listed by `ray-dyncheck status RUN`")
+    if fs.type_name == "local":
+        yield path, manifest
+        return
+    tmp = tempfile.mkdtemp(prefix="dyncheck-export-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        yield tmp, manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_checkpoint(checkpoint: str, out: str) -> list[str]:
+    """Write ``checkpoint``'s full weights into the local folder ``out``; returns the files written.
+
+    Raises:
+        ValueError: ``checkpoint`` is not a complete ray_dyncheck checkpoint, or ``out`` holds files.
+    """
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"--out {out} is not empty: pass a new or empty folder")
+    with _local(checkpoint) as (directory, manifest):
+        files = manifest["files"]
+        if manifest.get("layout") == "sharded":
+            weights = read_consolidated(directory)["model"]
+        else:
+            weights = {}
+            for name in sorted(files):
+                if name.endswith(".safetensors"):
+                    weights.update(safetensors.torch.load_file(os.path.join(directory, name)))
+        if not weights:
+            raise ValueError(f"{checkpoint} holds no model weights")
+        os.makedirs(out, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        safetensors.torch.save_file(tensors, os.path.join(out, MODEL_FILE),
+                                    metadata={"format": "pt", "step": str(manifest["step"])})
+        written = [MODEL_FILE]
+        for extra in ("config.json", "generation_config.json"):
+            if extra in files:
+                shutil.copyfile(os.path.join(directory, extra), os.path.join(out, extra))
+                written.append(extra)
+    return written
