@@ -190,6 +190,43 @@ def run(sizes_mb: list[float], rounds: int, device: torch.device) -> dict[str, A
     return results
 
 
+def _ray_train(config: dict[str, Any]) -> None:
+    """In a Ray Train worker: the same full save under Ray (report ASYNC, upload to the run's storage)."""
+    import ray.train
+
+    model, opt = _state(config["size_mb"], torch.device("cpu"))
+    methods = _Methods.__new__(_Methods)
+    methods.model, methods.opt, methods.device, methods.pinned = model, opt, torch.device("cpu"), None
+    blocked, copies = [], []
+    with rdc.DynamicCheckpoint({"enabled": False}, model=model, optimizer=opt) as dc:
+        for _ in range(config["rounds"]):
+            copies.append(methods.copy()["blocked"])
+            dc.global_step += 1
+            dc.save("full")
+            blocked.append(dc._pipeline.last_blocked_s)
+            dc._core.wait_stored()
+    ray.train.report({"blocked": statistics.median(blocked), "copy": statistics.median(copies)})
+
+
+def run_ray(size_mb: float, rounds: int) -> dict[str, Any]:
+    """Ours async under Ray Train: one CPU worker, local storage."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root = tempfile.mkdtemp(prefix="dyncheck-bench-ray-")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = TorchTrainer(_ray_train, train_loop_config={"size_mb": size_mb, "rounds": rounds},
+                              scaling_config=ScalingConfig(num_workers=1),
+                              run_config=RunConfig(name="bench", storage_path=root)).fit()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    m = result.metrics
+    return {"size_mb": size_mb, "blocked": m["blocked"], "copy": m["copy"], "x_copy": m["blocked"] / m["copy"]}
+
+
 def _line(row: dict[str, Any]) -> str:
     parts = [f"{row['size_mb']:8.1f} MB"]
     for m in METHODS:
@@ -203,9 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--ray", type=float, default=None, metavar="MB",
+                   help="also measure ours async under Ray Train (one CPU worker) at this state size")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     results = run(args.sizes_mb, args.rounds, device)
+    if args.ray:
+        results["ray"] = run_ray(args.ray, args.rounds)
+        r = results["ray"]
+        print(f"under Ray Train ({r['size_mb']:.0f} MB): ours async blocked {r['blocked'] * 1e3:.1f} ms = "
+              f"{r['x_copy']:.2f}x the in-memory copy ({r['copy'] * 1e3:.1f} ms)")
     results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "device": str(device),
                           "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,

@@ -177,9 +177,11 @@ class WorkerCore:
     def wait_stored(self) -> None:
         """Before a save that was not agreed at a check (a schedule, ``save()``): let this rank's
         previous save be stored, so at most one is in flight. Every rank saves, so none waits alone."""
-        if self.in_flight and not self._receipts.wait_stored(self.config.commit_timeout_s + 60.0):
-            logger.error("dyncheck: the previous save is still in flight after %.0f s; saving anyway",
-                         self.config.commit_timeout_s + 60.0)
+        # Bounded well inside collective_timeout_s: the other ranks may be waiting in our next collective.
+        timeout = min(self.config.commit_timeout_s + 60.0, self.config.collective_timeout_s / 2)
+        if self.in_flight and not self._receipts.wait_stored(timeout):
+            logger.error("dyncheck: the previous save is still being stored after %.0f s (half of "
+                         "collective_timeout_s); saving again anyway: check the storage", timeout)
 
     def start_at(self, step: int) -> None:
         """Training (re)starts after ``step`` (a resume): the next check is the next step."""

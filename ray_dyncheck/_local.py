@@ -87,9 +87,12 @@ class LocalBackend:
                 if local:
                     self.fs.move(staging, dest)
                 write_json(self.fs, posixpath.join(dest, COMMIT_MARKER), {"name": name, "time": time.time()})
-        except Exception as exc:
+        except BaseException as exc:  # DCP's CheckpointException too: on_done must run
             logger.error("dyncheck: rank %d: storing checkpoint %s in %s failed: %s: %s", self.rank, name,
                          self.run_dir, type(exc).__name__, exc)
+            if self.rank == 0 and local:
+                with contextlib.suppress(Exception):
+                    self.fs.delete_dir(staging)  # never committed: leave no half-staged folder
             on_done(None, exc)
             return
         finally:
@@ -110,7 +113,8 @@ class LocalBackend:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(missing)} file(s) of other ranks not stored within "
-                                   f"{self.store_timeout_s:g} s, e.g. {missing[0]}")
+                                   f"{self.store_timeout_s:g} s (LocalBackend(store_timeout_s=...)), e.g. "
+                                   f"{missing[0]}: every rank must see the same run_dir (shared storage)")
             time.sleep(0.05)
 
     def committed(self, path: str, timeout: float) -> bool:

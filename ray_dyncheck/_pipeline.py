@@ -24,7 +24,7 @@ import torch
 
 from ._channel import Request
 from ._core import WorkerCore
-from ._sharded import is_sharded
+from ._sharded import DCP_ERRORS, is_sharded
 from ._snapshot import HostCopier
 from .agree import Agreement
 from .state import (
@@ -82,7 +82,8 @@ class SavePipeline:
             try:
                 directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
                 captured = capture_state(self.model, self.optimizer, self.lr_scheduler, kind=kind, step=step,
-                                         copier=self.copier)
+                                         copier=self.copier, sharded=self.sharded)
+                self.copier.in_use = True
             except Exception as exc:
                 logger.exception("dyncheck: rank %d could not copy its %s state at step %d", self.rank, kind, step)
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
@@ -113,12 +114,13 @@ class SavePipeline:
         files: dict[str, int] = {}
         try:
             files = write_files(directory, captured, rank=self.rank, rank_states=states, group=group)
-        except Exception as exc:
+        except DCP_ERRORS as exc:
             logger.exception("dyncheck: rank %d could not write its files of the step-%d checkpoint", self.rank,
                              captured.step)
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         finally:
             captured.tensors.clear()  # the host copy is no longer needed
+            self.copier.in_use = False
         if self.sharded:
             everyone: list[Any] = self.writers.all_gather((error, files))
             errors = [str(entry[0]) for entry in everyone if entry[0] is not None]

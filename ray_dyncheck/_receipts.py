@@ -148,7 +148,8 @@ class Receipts:
                 return
             receipt = self._last_receipt
         if receipt is None:
-            receipt = {"status": "error", "error": "no save in flight to answer it"}
+            receipt = {"status": "error", "step": self.core.last_step, "kind": None,
+                       "error": "no save in flight to answer it"}
         if self.core.poller is not None:
             self.core.poller.complete(requests, receipt)
 

@@ -16,10 +16,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DCP_DIR", "check_supported", "is_sharded", "live_state", "load_full_weights", "load_sharded",
+__all__ = ["DCP_DIR", "DCP_ERRORS", "check_supported", "is_sharded", "live_state", "load_full_weights", "load_sharded",
            "read_consolidated", "write_sharded"]
 
 DCP_DIR = "dcp"
+
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    try:  # DCP's own failure type derives from BaseException: `except Exception` misses it
+        from torch.distributed.checkpoint import CheckpointException
+    except ImportError:
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+DCP_ERRORS = _dcp_errors()
+"""What a failed save or load raises: catch this, not just ``Exception``."""
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -114,12 +126,12 @@ def load_full_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor
 
 
 def read_consolidated(directory: str) -> dict[str, Any]:
-    """One process, no process group: the whole checkpoint as full tensors (``{"model": ..., ...}``)."""
+    """One process, no process group: the model's full tensors (``{"model": {...}}``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=dcp.FileSystemReader(os.path.join(directory, DCP_DIR)),
-                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)  # not the optimizer
     return state

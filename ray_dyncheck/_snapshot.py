@@ -34,6 +34,8 @@ class HostCopier:
     def __init__(self) -> None:
         self._pinned: dict[str, torch.Tensor] = {}
         self._dtensor = _dtensor_type()
+        self.in_use = False
+        """The kept buffers still hold a copy being written: a new copy must not overwrite them."""
         self.bytes_held = 0
         """Bytes of pinned buffers kept between saves (GPU only)."""
 
@@ -69,6 +71,10 @@ class HostCopier:
         if t.device.type != "cuda":
             return t.clone()
         used_cuda[0] = True
+        if self.in_use:  # only after a wait for the previous write timed out: a fresh buffer
+            fresh = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            fresh.copy_(t, non_blocking=True)
+            return fresh
         buf = self._pinned.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             if buf is not None:

@@ -22,6 +22,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from ._sharded import DCP_ERRORS
 from .client import RunNotFoundError, request_save, run_status
 from .export import export_checkpoint
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export(checkpoint: str, out: str) -> int:
     try:
         files = export_checkpoint(checkpoint, out)
-    except (ValueError, OSError) as exc:
+    except DCP_ERRORS as exc:  # a corrupt shard raises DCP's own (BaseException) type
         print(f"ray-dyncheck: {exc}", file=sys.stderr)
         return 2
     print(f"exported {checkpoint} -> {out}: {', '.join(files)}")

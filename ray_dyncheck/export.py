@@ -1,8 +1,9 @@
 """Consolidate a checkpoint into plain weights: ``ray-dyncheck export CHECKPOINT --out DIR``.
 
 Any checkpoint ray_dyncheck wrote (plain or sharded, on a local path or a URI) becomes one
-``model.safetensors`` of full tensors, named as the model's ``state_dict()``, which loads into the
-unsharded model with ``load_state_dict`` / ``safetensors.torch.load_model``; with the model's
+``model.safetensors`` of full tensors, named as the model's ``state_dict()`` (a tied weight under one
+name, as ``safetensors`` stores it), which ``safetensors.torch.load_model`` loads into the unsharded
+model; with the model's
 ``config.json`` when the checkpoint carries one, so the folder is a Hugging Face ``save_pretrained``
 layout that ``from_pretrained(DIR)`` loads. One process, no process group, no GPU.
 """

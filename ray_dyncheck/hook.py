@@ -8,6 +8,7 @@ in a plain ``torch.distributed`` world without Ray (:class:`LocalBackend`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,13 +19,14 @@ from ._channel import Request
 from ._core import Backend, WorkerCore, chosen_by_rank0, fail_together
 from ._local import LocalBackend
 from ._pipeline import SavePipeline
-from ._sharded import check_supported
+from ._sharded import DCP_ERRORS, check_supported
 from .agree import Agreement, Decision
 from .config import DynamicCheckpointConfig, load_config
 from .state import (
     CheckpointInfo,
     Stateful,
     load_checkpoint,
+    read_manifest,
     read_stored_manifest,
     unwrap_model,
 )
@@ -112,8 +114,10 @@ class DynamicCheckpoint:
         ``clean`` (the loop ended normally): requests still pending or claimed get an ``unserved``
         receipt; the ``with`` block passes ``clean=False`` when it is left by an exception.
         """
-        self._core.close(timeout, clean=clean)
-        self._pipeline.close(clean=clean)
+        try:
+            self._core.close(timeout, clean=clean)
+        finally:
+            self._pipeline.close(clean=clean)
 
     # -- resume ------------------------------------------------------------------------------------
 
@@ -140,16 +144,28 @@ class DynamicCheckpoint:
         choice = chosen_by_rank0(agreement, self._choose)
         if choice is None:
             return None
+        path = choice["path"]
         info, error = None, None
-        try:
-            with self.backend.open(choice["path"]) as directory:
+        with contextlib.ExitStack() as stack:
+            # What each rank does alone (download, file checks) is agreed on before the load, whose
+            # collectives (sharded state) every rank must then join.
+            directory = ""
+            try:
+                directory = stack.enter_context(self.backend.open(path))
+                if read_manifest(directory) is None:
+                    raise ValueError(f"{path} has no manifest after download")
+            except DCP_ERRORS as exc:
+                logger.exception("dyncheck: rank %d could not fetch checkpoint %s", self.rank, path)
+                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            fail_together(agreement, error, path)
+            try:
                 info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                        lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
                                        rank=self.rank, group=agreement.group)
-        except Exception as exc:
-            logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, choice["path"])
-            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        fail_together(agreement, error, choice["path"])
+            except DCP_ERRORS as exc:
+                logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, path)
+                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            fail_together(agreement, error, path)
         assert info is not None  # loaded here, or raised above
         self.global_step = info.step
         self._core.start_at(info.step)

@@ -128,7 +128,8 @@ def _save_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], dir
     if _is_hf_model(module):
         before = set(os.listdir(directory))
         module.save_pretrained(directory, state_dict=weights, safe_serialization=True)  # type: ignore[operator]
-        return sorted(set(os.listdir(directory)) - before)
+        # Not dot files: the metadata is written beside them meanwhile (from the training thread).
+        return sorted(n for n in set(os.listdir(directory)) - before if not n.startswith("."))
     safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, MODEL_FILE),
                                 metadata={"format": "pt", "step": str(step)})
     return [MODEL_FILE]
@@ -192,10 +193,14 @@ class Captured:
 
 
 def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
-                  *, kind: str, step: int, copier: HostCopier) -> Captured:
+                  *, kind: str, step: int, copier: HostCopier, sharded: bool | None = None) -> Captured:
     """Copy what a ``kind`` checkpoint holds into host memory: the only part of a save that blocks
-    training. A sharded model is captured on every rank (its shard), a plain one on rank 0."""
+    training. A sharded model is captured on every rank (its shard), a plain one on rank 0.
+    ``sharded``: what the caller planned for (every rank agreed on it when the hook was made)."""
     module = unwrap_model(model)
+    if sharded is not None and sharded != is_sharded(module):
+        raise ValueError("the model was sharded (or unsharded) after DynamicCheckpoint was created: create "
+                         "the hook after fully_shard(), on every rank")
     sharded = is_sharded(module)
     if sharded:
         live = live_state(module, optimizer, kind)
@@ -368,7 +373,6 @@ def load_checkpoint(
         raise ValueError(f"{directory} was written by DynamicCheckpointCallback (a Hugging Face Trainer "
                          "checkpoint): resume it with trainer.train(resume_from_checkpoint=rdc.hf_resume_path())")
     module = unwrap_model(model)
-    state = torch.load(os.path.join(directory, TRAINER_FILE), weights_only=True)
     if manifest.get("layout") == "sharded":  # any world size, into a sharded or a plain model
         loaded_optimizer = load_sharded(directory, module, optimizer, group)
     elif is_sharded(module):  # a plain checkpoint into a sharded model: every rank keeps its shard
@@ -390,6 +394,8 @@ def load_checkpoint(
             optimizer.load_state_dict(
                 torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True, map_location=device))
             loaded_optimizer = True
+    # Read after the collective part: a failure here on one rank cannot leave the others in a collective.
+    state = torch.load(os.path.join(directory, TRAINER_FILE), weights_only=True)
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     ranks = state["ranks"]

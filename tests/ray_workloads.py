@@ -121,6 +121,11 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         while time.time() < deadline and not (os.path.isdir(folder) and any(
                 n.startswith(rid) and not n.startswith(".") for n in os.listdir(folder))):
             time.sleep(0.05)
+    elif action.startswith("wait_receipt:"):  # until the request's receipt is written (committed)
+        path = os.path.join(run_dir, ".dyncheck", "receipts", f"{action.partition(':')[2]}.json")
+        deadline = time.time() + 60
+        while time.time() < deadline and not os.path.exists(path):
+            time.sleep(0.05)
     elif action.startswith(("fault:", "fault_rank1:")):  # faults for this process (or rank 1's) only
         pid = os.getpid() if action.startswith("fault:") else int(open(os.path.join(out, "pid1")).read())
         rules = [dict(r, pid=pid) for r in json.loads(action.split(":", 1)[1])]
