@@ -205,7 +205,9 @@ def _ray_train(config: dict[str, Any]) -> None:
             dc.save("full")
             blocked.append(dc._pipeline.last_blocked_s)
             dc._core.wait_stored()
-    ray.train.report({"blocked": statistics.median(blocked), "copy": statistics.median(copies)})
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as f:
+            json.dump({"blocked": statistics.median(blocked), "copy": statistics.median(copies)}, f)
 
 
 def run_ray(size_mb: float, rounds: int) -> dict[str, Any]:
@@ -215,15 +217,17 @@ def run_ray(size_mb: float, rounds: int) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     root = tempfile.mkdtemp(prefix="dyncheck-bench-ray-")
+    out = os.path.join(root, "result.json")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        result = TorchTrainer(_ray_train, train_loop_config={"size_mb": size_mb, "rounds": rounds},
-                              scaling_config=ScalingConfig(num_workers=1),
-                              run_config=RunConfig(name="bench", storage_path=root)).fit()
+        TorchTrainer(_ray_train, train_loop_config={"size_mb": size_mb, "rounds": rounds, "out": out},
+                     scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(name="bench", storage_path=root)).fit()
+        with open(out) as f:
+            m = json.load(f)
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-    m = result.metrics
     return {"size_mb": size_mb, "blocked": m["blocked"], "copy": m["copy"], "x_copy": m["blocked"] / m["copy"]}
 
 

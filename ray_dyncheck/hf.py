@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 STAGING_DIR = ".dyncheck-staging"
-_RANK_FILE = re.compile(r"^rng_state_(\d+)\.pth$")
+# A rank's own files of checkpoint-N: its RNG state, and its shard of a DCP folder (FSDP's sharded
+# state dict: pytorch_model_fsdp_0/__<rank>_0.distcp, optimizer_0/...).
+_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
 
 
 @dataclass
@@ -267,7 +269,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         if rng_left_out or not os.path.isfile(rng_file):
             os.makedirs(source, exist_ok=True)  # on other ranks HF may not have made it
             torch.save(_hf_rng_state(args), rng_file)
-        return _sizes(source, [name for name in os.listdir(source) if _owner(name) == core.rank])
+        return {path: size for path, size in _sizes(source, os.listdir(source)).items() if _owner(path) == core.rank}
 
     def _stage(self, source: str, output_dir: str, step: int, kind: str, lr_scheduler: Any,
                shares: list[dict[str, int]]) -> str | None:
@@ -279,12 +281,14 @@ class DynamicCheckpointCallback(TrainerCallback):
         rank, merged = core.rank, core.backend.merges_rank_dirs
         if rank != 0 and not merged:
             return None  # this backend stores rank 0's directory only
-        names = [name for name in sorted(os.listdir(source)) if _owner(name) == rank or (rank == 0 and not merged)]
+        names = [path for path in sorted(_sizes(source, os.listdir(source)))
+                 if _owner(path) == rank or (rank == 0 and not merged)]
         root = os.path.join(output_dir, STAGING_DIR)
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f"step{step}-rank{rank}-", dir=root)
         try:
-            for name in names:
+            for name in names:  # file by file: a folder may hold other ranks' shards
+                os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
                 _link_or_copy(os.path.join(source, name), os.path.join(staging, name))
             if rank == 0:
                 if kind == "weights" and lr_scheduler is not None and not os.path.exists(
@@ -334,10 +338,11 @@ class DynamicCheckpointCallback(TrainerCallback):
                            else ", and so does the LR schedule (no scheduler.pt)")
 
 
-def _owner(name: str) -> int:
-    """The rank whose file of ``checkpoint-N`` this is: ``rng_state_<k>.pth`` is rank k's, the rest rank 0's."""
-    m = _RANK_FILE.match(name)
-    return int(m.group(1)) if m else 0
+def _owner(path: str) -> int:
+    """The rank whose file of ``checkpoint-N`` this is (a path relative to it): ``rng_state_<k>.pth`` and
+    DCP shards ``__<k>_<n>.distcp`` are rank k's, the rest rank 0's."""
+    m = _RANK_FILE.match(os.path.basename(path))
+    return int(m.group(1) or m.group(2)) if m else 0
 
 
 def _hf_rng_state(args: TrainingArguments) -> dict[str, Any]:
