@@ -24,7 +24,8 @@ def test_public_names():
     assert sorted(ray_dyncheck.__all__) == [
         "Backend", "CheckpointInfo", "CheckpointRestoreError", "CheckpointUploadError", "Decision",
         "DynamicCheckpoint", "DynamicCheckpointConfig",
-        "LocalBackend", "Request", "RunNotFoundError", "Stateful", "fit", "load_config", "request_save",
+        "LocalBackend", "Request", "RunNotFoundError", "Stateful", "export_checkpoint", "fit", "load_config",
+        "request_save",
         "run_status",
     ]
 
