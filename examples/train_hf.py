@@ -140,7 +140,7 @@ def main() -> int:
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
         ray.init()
     else:  # a local, embedded Ray
-        ray.init(num_cpus=max(2, args.num_workers), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(2, args.num_workers), include_dashboard=False)  # never a stale one
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "save_steps": args.save_steps, "step_time": args.step_time,

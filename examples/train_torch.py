@@ -62,6 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and resumed is not None:
             print(f"resumed from {resumed.path} at step {resumed.step}", flush=True)
         demo_step = (dc.global_step + config["steps"]) // 2 if config["demo_trigger"] else None
+        t_last, step_last = time.perf_counter(), dc.global_step
         while dc.global_step < config["steps"]:
             x, y = batch_for(dc.global_step, rank, world)
             loss = nn.functional.mse_loss(model(x), y)
@@ -73,6 +74,11 @@ def train_loop_per_worker(config: dict) -> None:
             if dc.global_step == demo_step and rank == 0:
                 demo_touch(dc.global_step)
             dc.step(metrics={"loss": loss.detach()})
+            now = time.perf_counter()
+            if rank == 0 and now - t_last >= 5.0:  # progress every few seconds (a .item() sync: rank 0 only)
+                print(f"step {dc.global_step}/{config['steps']}  loss {loss.item():.4f}  "
+                      f"{(dc.global_step - step_last) / (now - t_last):.1f} steps/s", flush=True)
+                t_last, step_last = now, dc.global_step
             if dc.should_stop:
                 break
 
@@ -103,8 +109,9 @@ def main() -> int:
     dc_config = rdc.DynamicCheckpointConfig.from_yaml(args.config)
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
         ray.init()
-    else:  # a local, embedded Ray
-        ray.init(num_cpus=max(2, args.num_workers), include_dashboard=False)
+    else:  # a local, embedded Ray: address="local" starts a new one even if a stale `ray start` left
+        # its address file behind (ray.init() alone would try to join that dead cluster)
+        ray.init(address="local", num_cpus=max(2, args.num_workers), include_dashboard=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "step_time": args.step_time,

@@ -1,0 +1,39 @@
+"""The quickstart as a new user runs it: its own embedded Ray, even when a stale `ray start` left its
+address file behind; progress lines while it trains; one triggered checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_starts_its_own_ray_despite_a_stale_address_file(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")  # a cluster that is long gone
+        env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "train_torch.py"), "--storage-path", str(tmp_path),
+             "--steps", "400", "--step-time", "0.02"],
+            capture_output=True, text=True, timeout=280, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "steps/s" in out and "loss" in out, "progress lines while training"
+    ckpts = [n for n in os.listdir(tmp_path / "quickstart")
+             if n.startswith("checkpoint_") and (tmp_path / "quickstart" / n).is_dir()]
+    assert len(ckpts) == 1, ckpts
