@@ -155,20 +155,16 @@ class Receipts:
 
     def wait_stored(self, timeout: float) -> bool:
         """Until this rank's checkpoints are all stored; ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self.storing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
+        return self._wait_for_zero("storing", timeout)
 
     def wait(self, timeout: float) -> bool:
         """Until every checkpoint of this rank is stored and (rank 0) answered; ``False`` on timeout."""
+        return self._wait_for_zero("busy", timeout)
+
+    def _wait_for_zero(self, counter: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self.busy:
+            while getattr(self, counter):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
