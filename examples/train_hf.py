@@ -19,7 +19,8 @@ Options:
     --name NAME           RunConfig.name; the run directory is <storage-path>/<name>/
     --steps N             Trainer max_steps (a resumed run continues to N)
     --save-steps N        HF's scheduled saves (save_strategy="steps")
-    --num-workers N       Ray Train workers (CPU, gloo)
+    --num-workers N       Ray Train workers (CPU and gloo; with --use-gpu one GPU each and NCCL)
+    --use-gpu             train on GPUs (a cluster with GPU nodes, e.g. cluster.yaml)
     --step-time S         extra seconds of sleep per step, to make the demo watchable
     --no-demo-trigger     do not touch the trigger file midway (trigger it yourself)
 """
@@ -98,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
             save_total_limit=2,
             logging_steps=50,
             report_to="none",
-            use_cpu=True,
+            use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
             ddp_find_unused_parameters=False,
         )
@@ -134,6 +135,7 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--step-time", type=float, default=0.02)
     p.add_argument("--no-demo-trigger", action="store_true")
+    p.add_argument("--use-gpu", action="store_true")
     args = p.parse_args()
 
     dc_config = rdc.DynamicCheckpointConfig.from_yaml(args.config)
@@ -145,7 +147,7 @@ def main() -> int:
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "save_steps": args.save_steps, "step_time": args.step_time,
                            "demo_trigger": not args.no_demo_trigger, "dynamic_checkpoint": dc_config.to_dict()},
-        scaling_config=ScalingConfig(num_workers=args.num_workers),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
         run_config=RunConfig(name=args.name, storage_path=args.storage_path),
     )
     result = rdc.fit(trainer)  # instead of trainer.fit(): Ctrl+C saves the weights, then stops cleanly

@@ -16,7 +16,8 @@ Options:
     --storage-path P      RunConfig.storage_path: a local path or a URI such as s3://bucket/prefix
     --name NAME           RunConfig.name; the run directory is <storage-path>/<name>/
     --steps N             total optimizer steps (a resumed run continues to N)
-    --num-workers N       Ray Train workers (CPU, gloo)
+    --num-workers N       Ray Train workers (CPU and gloo; with --use-gpu one GPU each and NCCL)
+    --use-gpu             train on GPUs (a cluster with GPU nodes, e.g. cluster.yaml)
     --step-time S         extra seconds of sleep per step, to make the demo watchable
     --no-demo-trigger     do not touch the trigger file midway (trigger it yourself)
 """
@@ -52,6 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(0)
+    device = ray.train.torch.get_device()  # the CPU, or this worker's GPU with --use-gpu
     model = prepare_model(nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Dropout(0.1), nn.Linear(64, 1)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
@@ -64,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
         demo_step = (dc.global_step + config["steps"]) // 2 if config["demo_trigger"] else None
         t_last, step_last = time.perf_counter(), dc.global_step
         while dc.global_step < config["steps"]:
-            x, y = batch_for(dc.global_step, rank, world)
+            x, y = (t.to(device) for t in batch_for(dc.global_step, rank, world))
             loss = nn.functional.mse_loss(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -104,6 +106,7 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--step-time", type=float, default=0.02)
     p.add_argument("--no-demo-trigger", action="store_true")
+    p.add_argument("--use-gpu", action="store_true")
     args = p.parse_args()
 
     dc_config = rdc.DynamicCheckpointConfig.from_yaml(args.config)
@@ -117,7 +120,7 @@ def main() -> int:
         train_loop_config={"steps": args.steps, "step_time": args.step_time,
                            "demo_trigger": not args.no_demo_trigger,
                            "dynamic_checkpoint": dc_config.to_dict()},
-        scaling_config=ScalingConfig(num_workers=args.num_workers),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
         run_config=RunConfig(name=args.name, storage_path=args.storage_path),
     )
     # Instead of trainer.fit(): Ctrl+C (or SIGTERM) now saves the weights, then stops cleanly.

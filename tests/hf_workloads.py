@@ -7,6 +7,7 @@ models.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -90,6 +91,10 @@ def act(run_dir: str, action: str) -> None:
             json.dump(body, f)
         os.rename(path + ".tmp", path)
         wait_until(lambda: not os.path.exists(path), "the poller to claim the request")
+    elif action.startswith("committed:"):  # wait for N committed checkpoints (LocalBackend's marker)
+        count = int(action.split(":", 1)[1])
+        wait_until(lambda: len(glob.glob(os.path.join(run_dir, "checkpoint_*", ".dyncheck-committed"))) >= count,
+                   f"{count} committed checkpoint(s)")
     elif action.startswith("ready:"):  # tell the test process that training is under way
         open(action.split(":", 1)[1], "a").close()
     else:
@@ -179,8 +184,11 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -
         return recorder.record | {"saves": [s["step"] for s in callback.saves], "resumed_from": path,
                                   "save_only_model": args.save_only_model}
 
+    # The weights request waits (at step 3) until the full save from step 2 is committed: one still in
+    # flight at the check of step 4 would answer it (a full save covers a weights stop).
     records = {"first": train("first", {"1": ["touch"], "2": ['request:{"id": "w", "kind": "weights", '
-                                                              '"stop": true}']}, resume=False)}
+                                                              '"stop": true}'], "3": ["committed:1"]},
+                              resume=False)}
     records["weights"] = train("weights", {}, resume=True)
     if rank == 0:
         newest = next(rdc.LocalBackend(run_dir).checkpoints())
