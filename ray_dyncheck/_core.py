@@ -9,6 +9,7 @@ checkpoint on every rank with its receipts.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -22,7 +23,10 @@ import pyarrow.fs as pafs
 import torch
 
 from ._channel import Request, RequestChannel
+from ._logs import console
+from ._metrics import Metrics
 from ._poller import RequestPoller
+from ._preempt import Notice, PreemptionPlan
 from ._receipts import Receipts
 from .agree import Agreement, AutoInterval, Decision
 from .config import DynamicCheckpointConfig
@@ -69,6 +73,10 @@ class Backend(Protocol):
 
     def open(self, path: str) -> ContextManager[str]:
         """One checkpoint as a local directory (downloaded first when remote)."""
+
+    # Optional (looked up with getattr): ``metrics`` (a :class:`~ray_dyncheck._metrics.Metrics`, on
+    # rank 0), ``preemption()`` (rank 0, at each check: the drain notice for this run, or ``None``;
+    # cheap: no I/O, no collective) and ``node_local(path)`` (whether a local path is on this node only).
 
 
 def iso_time(ts: float | None = None) -> str:
@@ -131,6 +139,7 @@ class WorkerCore:
         self.config = config
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
+        console(self.rank)
         self.saves: list[dict[str, Any]] = saves if saves is not None else []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         # Collective: every rank constructs it here.
@@ -149,6 +158,11 @@ class WorkerCore:
         self.last_kind: str | None = None
         """The kind of the newest save (every rank): what a save still in flight holds."""
         self._saves = 0
+        self.metrics: Metrics = getattr(backend, "metrics", None) or Metrics()
+        self._preemption = PreemptionPlan(config.on_preemption)
+        self._notice_logged: Notice | None = None
+        self._committed_step = 0
+        """Rank 0: the step of the newest committed checkpoint (or where training resumed)."""
         # Checkpoint names are the same on every rank (each rank may store its own files into it).
         self._token = str(self.agreement.broadcast(secrets.token_hex(3)))
         self.poller: RequestPoller | None = None
@@ -165,7 +179,14 @@ class WorkerCore:
         fs, run_dir = storage
         self.channel = RequestChannel(fs, run_dir, self.config.trigger_file_path,
                                       max_attempts=self.config.max_save_attempts)
-        self.poller = RequestPoller(self.channel, self.config.poll_interval_s).start()
+        self.poller = RequestPoller(self.channel, self.config.poll_interval_s,
+                                    on_claim=lambda r: self.metrics.request(r.source)).start()
+        node_local = getattr(self.backend, "node_local", None)
+        trigger = self.config.trigger_file_path
+        if "://" not in trigger and os.path.isabs(trigger) and node_local is not None and node_local(trigger):
+            logger.warning("dyncheck: trigger_file_path %s is on this node's disk only: after a restart "
+                           "rank 0 may run on another node and never see it. Put it on storage every node "
+                           "shares (a URI, an NFS path), or leave it relative to the run directory", trigger)
         logger.info("dyncheck: watching %s and %s/.dyncheck/requests/ (check_interval=%s)",
                     self.channel.trigger, run_dir, self.config.check_interval)
 
@@ -187,6 +208,7 @@ class WorkerCore:
         """Training (re)starts after ``step`` (a resume): the next check is the next step."""
         self._next_check = step + 1
         self.last_step = step
+        self._committed_step = step
 
     def close(self, timeout: float | None = None, *, clean: bool = True) -> None:
         """Wait until this rank's checkpoints are stored and their receipts final, then stop the poller.
@@ -267,15 +289,26 @@ class WorkerCore:
                                                        self._last_check_s)
                 requests = self.poller.take() if self.poller is not None else []
                 local = replace(decide(requests, self.interval), busy=busy)
+                notice = self._preemption.pending(self._notice())
+                if notice is not None:
+                    local = self._for_preemption(local, notice, step)
             except Exception:  # never skip the collective below: log, and decide "no request"
                 logger.exception("dyncheck: rank 0 could not make a decision at step %d", step)
                 local = Decision(next_interval=self.interval, busy=busy)
                 if requests and self.poller is not None:
                     self.poller.requeue(requests)  # not lost: decided on at the next check
-                requests = []
+                requests, notice = [], None
+        else:
+            notice = None
         agreed = self.agreement.agree(local)
         if agreed.save and agreed.busy:
             agreed, requests = self._defer(agreed, requests, step)
+            if notice is not None and self.last_kind in ("full", local.kind):
+                logger.warning("dyncheck: step %d: the %s save in flight answers the preemption notice",
+                               step, self.last_kind)
+                self._preemption.served(notice)
+        elif notice is not None and agreed.save:
+            self._preemption.served(notice)
         if agreed.save and requests and self.poller is not None:
             # Count the attempt before the save starts, so a save that kills the workers (out of
             # memory) is not retried after every restart. Bounded: a slow store only delays it.
@@ -289,9 +322,30 @@ class WorkerCore:
                             self.config.max_check_overhead * 100)
             self.interval = agreed.next_interval
             self._next_check = step + agreed.next_interval
+        if self.rank == 0:
+            self.metrics.check(self.poller.pending_count() if self.poller is not None else 0, self.interval
+                               if self._auto is not None else int(self.config.check_interval),
+                               step - self._committed_step)
         self._last_check_s = time.perf_counter() - t_enter
         self._train_s, self._steps_since_check = 0.0, 0
         return agreed, requests
+
+    def _notice(self) -> Notice | None:
+        read = getattr(self.backend, "preemption", None)
+        return read() if read is not None else None
+
+    def _for_preemption(self, local: Decision, notice: Notice, step: int) -> Decision:
+        """Rank 0: fold a preemption notice into this check's decision (a save; never a stop)."""
+        kind, why = self._preemption.choose(notice)
+        if self._notice_logged != notice:
+            self._notice_logged = notice
+            self.metrics.request("preemption")
+            logger.warning("dyncheck: step %d: Ray reports node(s) %s (ranks %s) preempted in %.0f s: a %s "
+                           "save now (%s)", step, ", ".join(n[:8] for n in notice.nodes) or "?",
+                           list(notice.ranks), self._preemption.left_s(notice), kind, why)
+        kind = "full" if "full" in (local.kind, kind) else kind
+        reason = local.reason if local.save and local.reason == "interrupt" else "preemption"
+        return replace(local, save=True, kind=kind, reason=reason)
 
     def _defer(self, agreed: Decision, requests: list[Request], step: int) -> tuple[Decision, list[Request]]:
         """A save is still in flight on some rank (every rank knows, from the one collective): start no
@@ -375,8 +429,10 @@ class WorkerCore:
             # Rank 0 had nothing to store (the torch hook always has): nothing will answer them.
             self.abandon(requests, step, kind, reason, "rank 0 stored no files for this checkpoint")
         else:
+            blocked = time.perf_counter() - t0
+            self.metrics.blocked(kind, blocked)
             logger.info("dyncheck: %s checkpoint at step %d (%s%s): training blocked %.3f s; %s", kind, step,
-                        reason, f", requests {', '.join(ids)}" if ids else "", time.perf_counter() - t0,
+                        reason, f", requests {', '.join(ids)}" if ids else "", blocked,
                         "writing and storing in the background" if written is not None and not written.done()
                         else f"written in {t_written - t0:.2f} s, storing")
 
@@ -386,9 +442,28 @@ class WorkerCore:
         if self.rank != 0:
             return
         logger.error("dyncheck: no checkpoint at step %d (%s): %s", step, reason, why)
+        self.settled({"step": step, "kind": kind, "reason": reason}, requests, None)
         if requests and self.poller is not None:
             self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
                                             "reason": reason, "error": why})
+
+    def settled(self, record: dict[str, Any], requests: Sequence[Request], path: str | None) -> None:
+        """Rank 0, once per save, when it is committed (``path``) or failed: metrics and measurements."""
+        kind, reason = record["kind"], record["reason"]
+        if path is None:
+            self.metrics.failed(kind, reason)
+            if reason == "preemption":
+                self._preemption.rearm()  # the next check tries again
+            return
+        commit_s = record.get("commit_s")
+        if isinstance(commit_s, float):
+            self._preemption.observe_commit(kind, commit_s)
+        claimed = [r.claimed_at for r in requests if r.claimed_at]
+        since = time.monotonic() - min(claimed) if claimed else commit_s
+        if isinstance(since, float):
+            self.metrics.committed(kind, reason, since)
+        record["committed_at"] = time.time()
+        self._committed_step = max(self._committed_step, int(record["step"]))
 
     def uri(self, path: str | None) -> str | None:
         if path is None or self.channel is None:

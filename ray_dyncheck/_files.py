@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import secrets
@@ -166,6 +167,8 @@ class Request:
     identity: tuple[Any, ...] = field(default=(), compare=False)
     attempts: int = 0
     """Saves already started for it (and not finished: the workers died during them)."""
+    claimed_at: float = field(default=0.0, compare=False)
+    """When rank 0's poller claimed it (``time.monotonic()``), for the request-to-commit time."""
 
 
 def parse_body(raw: bytes, stem: str) -> Request:
@@ -198,3 +201,24 @@ def parse_body(raw: bytes, stem: str) -> Request:
     if source not in ("request", "interrupt"):
         raise ValueError(f"request source must be 'request' or 'interrupt', got {source!r}")
     return Request(id=rid, kind=kind, stop=stop, source=source)
+
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.",
+              "9p", "virtiofs", "wekafs", "panfs")
+
+
+def on_network_filesystem(path: str, mounts: str = "/proc/mounts") -> bool:
+    """Whether ``path`` lies on a network (shared) filesystem, from the mount that holds it; ``True``
+    when that cannot be told (no warning without cause)."""
+    try:
+        with open(mounts, encoding="utf-8") as f:
+            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return True
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    for point, kind in table:
+        point = point.replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, kind
+    return any(fstype == t or (t.endswith(".") and fstype.startswith(t)) for t in NETWORK_FS)

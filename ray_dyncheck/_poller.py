@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ._channel import Request, RequestChannel
@@ -29,8 +30,10 @@ class RequestPoller:
     """
 
     def __init__(self, channel: RequestChannel, interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_claim: Callable[[Request], None] | None = None) -> None:
         self.channel = channel
+        self._on_claim = on_claim
         self.interval_s = interval_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -62,6 +65,10 @@ class RequestPoller:
     def has_pending(self) -> bool:
         """Whether a claimed request waits for the next check (no lock, no I/O: a hint)."""
         return bool(self._pending)
+
+    def pending_count(self) -> int:
+        """How many claimed requests wait for the next check (no lock, no I/O: a hint)."""
+        return len(self._pending)
 
     def begin(self, requests: Sequence[Request]) -> threading.Event:
         """A save for these requests starts: record one more attempt for each, in the background.
@@ -163,9 +170,13 @@ class RequestPoller:
         found, _ = guard(self._errors, "read requests", self.channel.run_dir, self.channel.poll)
         self.polls += 1
         if found:
+            now = time.monotonic()
+            found = [replace(req, claimed_at=now) for req in found]
             for req in found:
                 logger.info("dyncheck: request %s (%s, kind=%s, stop=%s) claimed",
                             req.id, req.source, req.kind, req.stop)
+                if self._on_claim is not None:
+                    self._on_claim(req)
             with self._lock:
                 self._pending.extend(found)
 

@@ -14,6 +14,9 @@ import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
 
 from ._core import OnDone
+from ._files import on_network_filesystem
+from ._metrics import Metrics
+from ._preempt import Notice
 from .errors import CheckpointUploadError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,34 @@ class RayBackend:
         self.context = ray.train.get_context()
         self.rank = self.context.get_world_rank()
         self.world_size = self.context.get_world_size()
+        self._internal = _internal_context()
+        self._info: Any = None
+        self._notice: Notice | None = None
+        self.metrics: Metrics | None = None
+        if self.rank == 0:
+            run_id = getattr(getattr(self._internal, "train_run_context", None), "run_id", "") or ""
+            self.metrics = RayMetrics(self.context.get_experiment_name(), run_id)
+
+    def preemption(self) -> Notice | None:
+        """This worker's copy of Ray's preemption notice: the watcher marks every worker of the group
+        (an attribute read here; ``ray.train.get_preemption_info()`` is a collective round trip)."""
+        if self._internal is None:
+            return None
+        info = self._internal.preemption_context.preemption_info
+        if info is not self._info:
+            self._info = info
+            self._notice = None if info is None else Notice(
+                deadline=info.deadline_ms / 1000 if info.deadline_ms else None,
+                ranks=tuple(info.preempted_ranks), nodes=tuple(info.preempted_node_ids))
+        return self._notice
+
+    def node_local(self, path: str) -> bool:
+        """A local path on a disk of this node only, in a cluster of more than one node."""
+        try:
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        except Exception:
+            return False
+        return nodes > 1 and not on_network_filesystem(path)
 
     def storage(self) -> tuple[pafs.FileSystem, str] | None:
         try:
@@ -128,3 +159,73 @@ def newest_first() -> Iterator[Checkpoint]:
     for item in reversed(ray.train.get_all_reported_checkpoints()):
         if item.checkpoint.path != latest.path:
             yield item.checkpoint
+
+
+def _internal_context() -> Any:
+    """Ray Train's internal context of this worker (it holds the preemption notice), or ``None``."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context() if hasattr(get_train_context(), "preemption_context") else None
+    except Exception:  # another Ray version, or Ray Train's local mode
+        logger.info("dyncheck: Ray's preemption notices are not readable here; saving on preemption is off",
+                    exc_info=True)
+        return None
+
+
+BLOCKED_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+COMMIT_BUCKETS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
+
+
+class RayMetrics(Metrics):
+    """Rank 0's events as Ray metrics (``ray.util.metrics``): the node's Prometheus endpoint, the
+    dashboard's Metrics view, Grafana. Tagged with Ray Train's own run tags. See ``_metrics.py``."""
+
+    def __init__(self, run_name: str, run_id: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self._tags = {"ray_train_run_name": run_name, "ray_train_run_id": run_id}
+        base = tuple(self._tags)
+        self._requests = Counter("dyncheck_requests", "Requests claimed and preemption notices seen, by source.",
+                                 tag_keys=(*base, "source"))
+        self._checkpoints = Counter("dyncheck_checkpoints", "Checkpoints committed, by kind and reason.",
+                                    tag_keys=(*base, "kind", "reason"))
+        self._failures = Counter("dyncheck_save_failures", "Saves that committed no checkpoint.",
+                                 tag_keys=(*base, "kind", "reason"))
+        self._blocked = Histogram("dyncheck_save_blocked_seconds", "Training time blocked by one save.",
+                                  boundaries=BLOCKED_BUCKETS, tag_keys=(*base, "kind"))
+        self._to_commit = Histogram("dyncheck_request_to_commit_seconds",
+                                    "Seconds from a request (or the decision to save) to the commit.",
+                                    boundaries=COMMIT_BUCKETS, tag_keys=(*base, "kind", "reason"))
+        self._pending = Gauge("dyncheck_pending_requests", "Requests waiting for the next check.", tag_keys=base)
+        self._interval = Gauge("dyncheck_check_interval_steps", "Steps between two checks.", tag_keys=base)
+        self._at_risk = Gauge("dyncheck_steps_since_commit",
+                              "Steps since the step of the newest committed checkpoint (work at risk).",
+                              tag_keys=base)
+        self._failed_once = False
+
+    def _record(self, fn: Any, value: float, **tags: str) -> None:
+        try:
+            fn(value, tags={**self._tags, **tags})
+        except Exception:  # a metric never costs a step
+            if not self._failed_once:
+                self._failed_once = True
+                logger.warning("dyncheck: could not record a metric", exc_info=True)
+
+    def request(self, source: str) -> None:
+        self._record(self._requests.inc, 1.0, source=source)
+
+    def blocked(self, kind: str, seconds: float) -> None:
+        self._record(self._blocked.observe, seconds, kind=kind)
+
+    def committed(self, kind: str, reason: str, seconds: float) -> None:
+        self._record(self._checkpoints.inc, 1.0, kind=kind, reason=reason)
+        self._record(self._to_commit.observe, seconds, kind=kind, reason=reason)
+
+    def failed(self, kind: str, reason: str) -> None:
+        self._record(self._failures.inc, 1.0, kind=kind, reason=reason)
+
+    def check(self, pending: int, interval: int, steps_at_risk: int) -> None:
+        self._record(self._pending.set, pending)
+        self._record(self._interval.set, interval)
+        self._record(self._at_risk.set, steps_at_risk)

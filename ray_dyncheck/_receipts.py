@@ -102,8 +102,9 @@ class Receipts:
                 except Exception as exc:  # an unreachable controller: the receipt says so
                     ok, why = False, f"could not confirm it was registered: {type(exc).__name__}: {exc}"
                 if ok:
-                    logger.info("dyncheck: checkpoint for step %d committed at %s (%.2f s after the decision)",
-                                record["step"], path, time.perf_counter() - t0)
+                    record["commit_s"] = time.perf_counter() - t0
+                    logger.info("dyncheck: %s checkpoint for step %d committed at %s (%.2f s after the decision)",
+                                record["kind"], record["step"], path, record["commit_s"])
                 else:
                     record["error"] = why
                 self._answer(record, requests, path if ok else None)
@@ -123,8 +124,14 @@ class Receipts:
             if self._last is not None and self._last[0] is record:
                 self._last_receipt = receipt
             requests = list(requests)  # requests attached until now are answered here
+        try:
+            self.core.settled(record, requests, path)
+        except Exception:  # metrics and measurements never cost a receipt
+            logger.exception("dyncheck: could not record the outcome of the save at step %d", record["step"])
         if not requests or self.core.poller is None:
             return
+        logger.info("dyncheck: receipt %s for %s (step %d)", receipt["status"], ", ".join(r.id for r in requests),
+                    record["step"])
         written: set[str] = set()
         channel = self.core.channel
         # Not while the poller holds the channel in a hung storage call: then the poller writes it.

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 _KINDS = {0: None, 1: "weights", 2: "full"}
 _CODES = {v: k for k, v in _KINDS.items()}
-REASONS = ("schedule", "request", "trigger", "interrupt")
+REASONS = ("schedule", "request", "trigger", "interrupt", "preemption")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,12 @@ class DynamicCheckpointConfig:
     written and uploaded in the background, one save at a time. ``sync``: training also waits for the
     write (the upload stays in the background)."""
 
+    on_preemption: Literal["auto", "full", "weights", "none"] = "auto"
+    """When Ray reports that a node of this run is being preempted (drained with a deadline): save at
+    the next check, with ``reason: preemption``. ``auto``: full when the last full save's measured
+    time to commit fits before the deadline with room to spare, else weights-only; ``none``: do not
+    save for it."""
+
     max_save_attempts: int = 2
     """A request whose save was started this many times, each time killing the workers (e.g. out of
     memory), gets an ``error`` receipt instead of another try after the next restart."""
@@ -123,6 +129,8 @@ class DynamicCheckpointConfig:
             value = getattr(self, name)
             if not (_is_number(value) and value > 0):
                 raise _error(name, value, "set it to a number of seconds > 0, e.g. 600")
+        if self.on_preemption not in ("auto", "full", "weights", "none"):
+            raise _error("on_preemption", self.on_preemption, "set it to 'auto', 'full', 'weights' or 'none'")
         if self.save_mode not in ("async", "sync"):
             raise _error("save_mode", self.save_mode, "set it to 'async' or 'sync'")
         if not (_is_int(self.max_save_attempts) and self.max_save_attempts >= 1):

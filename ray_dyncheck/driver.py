@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 
 from ._channel import answer_leftovers
 from ._files import RECEIPTS, REQUESTS, new_id, read_json, write_json
+from ._logs import console
 from .config import DynamicCheckpointConfig, load_config
 
 __all__ = ["fit"]
@@ -111,6 +112,7 @@ def fit(
     overrides: dict[str, Any] = {"on_interrupt": on_interrupt, "interrupt_grace_s": interrupt_grace_s,
                                  "signals": signals}
     cfg = dataclasses.replace(_config_of(trainer), **{k: v for k, v in overrides.items() if v is not None})
+    console()  # the driver: our lines on its console (job logs) unless the application set up logging
     kind, grace = cfg.on_interrupt, cfg.interrupt_grace_s
     nums = [int(getattr(signal, name)) for name in cfg.signals]
     if threading.current_thread() is not threading.main_thread():

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import ray_dyncheck as rdc
+from ray_dyncheck._preempt import Notice
 
 
 def run_ranks(fn, world_size: int, *args) -> None:
@@ -49,12 +50,16 @@ def agreement_worker(rank: int, world_size: int, port: int, run_dir: str, out: s
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps, step_time = cfg.pop("steps", 60), cfg.pop("step_time", 0.005)
-    dc = rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, backend=rdc.LocalBackend(run_dir))
+    notices = cfg.pop("preempt", {})  # {step: seconds to the deadline}: what Ray's watcher would mark
+    backend = PreemptedBackend(run_dir)
+    dc = rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, backend=backend)
     checks, t0 = [], time.time()
     for step in range(steps):
         if rank == 0:
             for action in actions.get(str(step), []):
                 _act(run_dir, action)
+            if str(step) in notices:
+                backend.notice = Notice(deadline=time.time() + notices[str(step)], ranks=(1,), nodes=(f"n{step}",))
         loss = model(torch.ones(2, 4)).sum()
         opt.zero_grad()
         loss.backward()
@@ -72,6 +77,15 @@ def agreement_worker(rank: int, world_size: int, port: int, run_dir: str, out: s
         json.dump({"checks": checks, "final_step": dc.global_step, "saves": saves,
                    "seconds": time.time() - t0}, f)
     dist.destroy_process_group()
+
+
+class PreemptedBackend(rdc.LocalBackend):
+    """LocalBackend with the optional ``preemption()`` a Ray worker has: the notice set by the test."""
+
+    notice: Notice | None = None
+
+    def preemption(self) -> Notice | None:
+        return self.notice
 
 
 def _act(run_dir: str, action: str) -> None:

@@ -3,7 +3,8 @@
     python tests/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps] [extra JSON]
 
 ``extra``: ``{"plan": PATH}`` stores the run on ``faultfs.fault_fs(PATH)``; ``{"actions": {step: [...]}}``
-adds rank 0's actions (see ``ray_workloads.act``); ``{"model": "fsdp"}`` shards the model with FSDP2.
+adds rank 0's actions (see ``ray_workloads.act``); ``{"model": "fsdp"}`` shards the model with FSDP2;
+``{"placement": "STRICT_SPREAD"}`` puts the workers on different nodes (with ``RAY_ADDRESS`` set).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> int:
         ray_workloads.train_fn,
         train_loop_config={"steps": steps, "step_time": 0.02, "dynamic_checkpoint": dc, "out": out,
                            "actions": actions, "model": extra.get("model")},
-        scaling_config=ScalingConfig(num_workers=2),
+        scaling_config=ScalingConfig(num_workers=2, placement_strategy=extra.get("placement", "PACK")),
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=fs),
     )
     result = rdc.fit(trainer)

@@ -35,6 +35,9 @@ def train_fn(config: dict) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"pid{rank}"), "w") as f:  # for tests that kill a worker by pid
         f.write(str(os.getpid()))
+    node = ray.get_runtime_context().get_node_id()
+    with open(os.path.join(out, f"node{rank}"), "w") as f:  # for tests that drain a worker's node
+        f.write(node)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1))
     if config.get("model") == "fsdp" and ctx.get_world_size() > 1:  # FSDP2: every rank holds a shard
@@ -47,7 +50,7 @@ def train_fn(config: dict) -> None:
         model = prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
-    checks = []
+    checks, logged = [], 0
     with rdc.DynamicCheckpoint(config["dynamic_checkpoint"], model=model, optimizer=opt,
                                lr_scheduler=sched) as dc:
         info = dc.restore()
@@ -72,10 +75,16 @@ def train_fn(config: dict) -> None:
                     f.write(f"{dc.global_step} {time.time()}\n")
             if decision is not None:
                 checks.append([dc.global_step, decision.save, decision.kind, decision.stop])
+            while rank == 0 and logged < len(dc.saves) and "committed_at" in dc.saves[logged]:
+                with open(os.path.join(out, "commits.log"), "a") as f:  # rank 0's commits, as they happen
+                    s = dc.saves[logged]
+                    f.write(json.dumps({k: s[k] for k in ("step", "kind", "reason", "committed_at")}) + "\n")
+                logged += 1
             if dc.should_stop:
                 break
     record = {"rank": rank, "start": start, "final_step": dc.global_step, "checks": checks,
-              "restored": None if info is None else [info.step, info.kind]}
+              "restored": None if info is None else [info.step, info.kind], "node": node,
+              "reads_requests": dc._core.poller is not None}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     inner = model.module if hasattr(model, "module") else model
@@ -100,6 +109,10 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         open(marker, "w").close()
     if action == "touch":
         open(trigger, "a").close()
+    elif action.startswith("touch_at:"):  # a trigger_file_path elsewhere
+        path = action.split(":", 1)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "a").close()
     elif action == "mkdir_trigger":
         os.makedirs(trigger)
     elif action.startswith("request:"):
@@ -114,6 +127,10 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         open(action.split(":", 1)[1], "a").close()
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("wait_file:"):  # until the test creates that file (at most a minute)
+        path, deadline = action.split(":", 1)[1], time.time() + 60
+        while time.time() < deadline and not os.path.exists(path):
+            time.sleep(0.05)
     elif action.startswith("wait_claimed"):  # until rank 0's poller has claimed it (wait_claimed:<id>)
         folder = os.path.join(run_dir, ".dyncheck", "claimed")
         rid = action.partition(":")[2]

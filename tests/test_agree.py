@@ -101,3 +101,48 @@ def test_decision_round_trip():
     d = Decision(save=True, kind="weights", stop=True, next_interval=17, reason="interrupt")
     assert Decision.decode(d.encode()) == d
     assert Decision.decode(Decision(next_interval=3).encode()) == Decision(next_interval=3)
+
+
+def test_preemption_notice_saves_at_the_next_check_and_training_goes_on(tmp_path):
+    """Rank 0's backend reports a drain (as Ray's watcher marks a worker): every rank saves at the next
+    check with reason preemption, full while the deadline leaves room, weights when it does not, once
+    per notice; nobody stops."""
+    run_dir, out = str(tmp_path / "run"), str(tmp_path)
+    cfg = {"check_interval": 5, "poll_interval_s": 0.05, "steps": 40, "step_time": 0.03,
+           "preempt": {"7": 100.0, "22": 3.0}}
+    run_ranks(agreement_worker, 2, run_dir, out, cfg, {})
+    res = results(out, 2)
+    assert res[0]["checks"] == res[1]["checks"]
+    assert res[0]["final_step"] == res[1]["final_step"] == 40
+    saves = [(s["step"], s["kind"], s["reason"]) for s in res[0]["saves"]]
+    assert saves == [(10, "full", "preemption"), (25, "weights", "preemption")]
+    for s in res[0]["saves"]:
+        meta = json.load(open(os.path.join(run_dir, s["name"], ".metadata.json")))
+        assert (meta["reason"], meta["step"]) == ("preemption", s["step"])
+
+
+def test_preemption_plan_chooses_from_the_measured_time_to_commit():
+    from ray_dyncheck._preempt import Notice, PreemptionPlan
+
+    plan = PreemptionPlan("auto")
+    soon, later = Notice(deadline=1000.0 + 20), Notice(deadline=1000.0 + 300)
+    assert plan.choose(later, now=1000.0)[0] == "full", "nothing measured, 300 s left"
+    assert plan.choose(soon, now=1000.0)[0] == "weights", "nothing measured, 20 s left"
+    plan.observe_commit("weights", 2.0)  # full estimated at 3x: 6 s * 1.5 + 5 = 14 <= 20
+    assert plan.choose(soon, now=1000.0)[0] == "full"
+    plan.observe_commit("full", 12.0)  # 12 * 1.5 + 5 = 23 > 20
+    kind, why = plan.choose(soon, now=1000.0)
+    assert kind == "weights" and "12.0 s" in why and "20 s left" in why
+    assert plan.choose(later, now=1000.0)[0] == "full"
+    # Once served, the same notice asks for nothing more; a new one (another node) does; a failed save re-arms.
+    assert plan.pending(soon) is soon
+    plan.served(soon)
+    assert plan.pending(soon) is None and plan.pending(later) is later
+    plan.rearm()
+    assert plan.pending(soon) is soon
+    assert PreemptionPlan("none").pending(soon) is None
+    assert PreemptionPlan("weights").choose(later)[0] == "weights"
+    # No deadline reported: Ray restarts 120 s after it saw the drain.
+    undated = Notice(deadline=None, nodes=("n",))
+    plan.pending(undated)
+    assert 119 < plan.left_s(undated) <= 120
