@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -158,9 +159,11 @@ class WorkerCore:
         self.last_kind: str | None = None
         """The kind of the newest save (every rank): what a save still in flight holds."""
         self._saves = 0
-        self.metrics: Metrics = getattr(backend, "metrics", None) or Metrics()
+        metrics = getattr(backend, "metrics", None)
+        self.metrics: Metrics = metrics if isinstance(metrics, Metrics) else Metrics()
         self._preemption = PreemptionPlan(config.on_preemption)
         self._notice_logged: Notice | None = None
+        self._notice_broken = False
         self._committed_step = 0
         """Rank 0: the step of the newest committed checkpoint (or where training resumed)."""
         # Checkpoint names are the same on every rank (each rank may store its own files into it).
@@ -183,10 +186,10 @@ class WorkerCore:
                                     on_claim=lambda r: self.metrics.request(r.source)).start()
         node_local = getattr(self.backend, "node_local", None)
         trigger = self.config.trigger_file_path
-        if "://" not in trigger and os.path.isabs(trigger) and node_local is not None and node_local(trigger):
-            logger.warning("dyncheck: trigger_file_path %s is on this node's disk only: after a restart "
-                           "rank 0 may run on another node and never see it. Put it on storage every node "
-                           "shares (a URI, an NFS path), or leave it relative to the run directory", trigger)
+        if "://" not in trigger and os.path.isabs(trigger) and node_local is not None:
+            # Off the training thread: it asks Ray for the nodes and reads the mount table.
+            threading.Thread(target=_warn_node_local, args=(node_local, trigger), name="dyncheck-trigger-check",
+                             daemon=True).start()
         logger.info("dyncheck: watching %s and %s/.dyncheck/requests/ (check_interval=%s)",
                     self.channel.trigger, run_dir, self.config.check_interval)
 
@@ -291,7 +294,7 @@ class WorkerCore:
                 local = replace(decide(requests, self.interval), busy=busy)
                 notice = self._preemption.pending(self._notice())
                 if notice is not None:
-                    local = self._for_preemption(local, notice, step)
+                    local, requests = self._for_preemption(local, requests, notice, step)
             except Exception:  # never skip the collective below: log, and decide "no request"
                 logger.exception("dyncheck: rank 0 could not make a decision at step %d", step)
                 local = Decision(next_interval=self.interval, busy=busy)
@@ -303,12 +306,12 @@ class WorkerCore:
         agreed = self.agreement.agree(local)
         if agreed.save and agreed.busy:
             agreed, requests = self._defer(agreed, requests, step)
-            if notice is not None and self.last_kind in ("full", local.kind):
-                logger.warning("dyncheck: step %d: the %s save in flight answers the preemption notice",
-                               step, self.last_kind)
-                self._preemption.served(notice)
+            if notice is not None and self.last_kind in ("full", local.kind) and self.saves:
+                logger.warning("dyncheck: step %d: the %s save in flight (step %d) answers the preemption notice",
+                               step, self.last_kind, self.saves[-1]["step"])
+                self._preemption.served(notice, self.saves[-1]["step"])
         elif notice is not None and agreed.save:
-            self._preemption.served(notice)
+            self._preemption.served(notice, step)
         if agreed.save and requests and self.poller is not None:
             # Count the attempt before the save starts, so a save that kills the workers (out of
             # memory) is not retried after every restart. Bounded: a slow store only delays it.
@@ -331,10 +334,20 @@ class WorkerCore:
         return agreed, requests
 
     def _notice(self) -> Notice | None:
+        """Rank 0: the backend's preemption notice; a backend that cannot say turns the feature off
+        (logged once), never the requests."""
         read = getattr(self.backend, "preemption", None)
-        return read() if read is not None else None
+        if read is None or self._notice_broken:
+            return None
+        try:
+            return read()
+        except Exception:
+            self._notice_broken = True
+            logger.exception("dyncheck: cannot read Ray's preemption notice; saving on preemption is off")
+            return None
 
-    def _for_preemption(self, local: Decision, notice: Notice, step: int) -> Decision:
+    def _for_preemption(self, local: Decision, requests: list[Request], notice: Notice,
+                        step: int) -> tuple[Decision, list[Request]]:
         """Rank 0: fold a preemption notice into this check's decision (a save; never a stop)."""
         kind, why = self._preemption.choose(notice)
         if self._notice_logged != notice:
@@ -343,9 +356,15 @@ class WorkerCore:
             logger.warning("dyncheck: step %d: Ray reports node(s) %s (ranks %s) preempted in %.0f s: a %s "
                            "save now (%s)", step, ", ".join(n[:8] for n in notice.nodes) or "?",
                            list(notice.ranks), self._preemption.left_s(notice), kind, why)
-        kind = "full" if "full" in (local.kind, kind) else kind
         reason = local.reason if local.save and local.reason == "interrupt" else "preemption"
-        return replace(local, save=True, kind=kind, reason=reason)
+        if local.save and local.stop:  # a stop (the interrupt) keeps its own kind: it has its own deadline
+            return replace(local, reason=reason), requests
+        if local.kind == "full" and kind == "weights" and self.poller is not None:
+            # A full save would not commit before the deadline: weights now, the requests after it.
+            logger.info("dyncheck: step %d: %s wait(s) for the next check", step, ", ".join(r.id for r in requests))
+            self.poller.requeue(requests)
+            return replace(local, save=True, kind="weights", stop=False, reason="preemption"), []
+        return replace(local, save=True, kind="full" if "full" in (local.kind, kind) else kind, reason=reason), requests
 
     def _defer(self, agreed: Decision, requests: list[Request], step: int) -> tuple[Decision, list[Request]]:
         """A save is still in flight on some rank (every rank knows, from the one collective): start no
@@ -442,7 +461,10 @@ class WorkerCore:
         if self.rank != 0:
             return
         logger.error("dyncheck: no checkpoint at step %d (%s): %s", step, reason, why)
-        self.settled({"step": step, "kind": kind, "reason": reason}, requests, None)
+        try:
+            self.settled({"step": step, "kind": kind, "reason": reason}, requests, None)
+        except Exception:  # metrics never cost a receipt
+            logger.exception("dyncheck: could not record the failed save at step %d", step)
         if requests and self.poller is not None:
             self.poller.complete(requests, {"status": "error", "step": step, "kind": kind,
                                             "reason": reason, "error": why})
@@ -452,8 +474,7 @@ class WorkerCore:
         kind, reason = record["kind"], record["reason"]
         if path is None:
             self.metrics.failed(kind, reason)
-            if reason == "preemption":
-                self._preemption.rearm()  # the next check tries again
+            self._preemption.failed(int(record["step"]))  # if it answered a notice: the next check tries again
             return
         commit_s = record.get("commit_s")
         if isinstance(commit_s, float):
@@ -470,6 +491,16 @@ class WorkerCore:
             return path
         scheme = self.channel.fs.type_name
         return path if scheme == "local" else f"{scheme}://{path}"
+
+
+def _warn_node_local(node_local: Callable[[str], bool], trigger: str) -> None:
+    try:
+        if node_local(trigger):
+            logger.warning("dyncheck: trigger_file_path %s is on this node's disk only: after a restart rank 0 "
+                           "may run on another node and never see it. Put it on storage every node shares (a "
+                           "URI, an NFS path), or leave it relative to the run directory", trigger)
+    except Exception:
+        logger.debug("dyncheck: could not tell whether %s is node-local", trigger, exc_info=True)
 
 
 def _ignore(path: str | None, exc: BaseException | None) -> None:

@@ -215,7 +215,7 @@ def on_network_filesystem(path: str, mounts: str = "/proc/mounts") -> bool:
             table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
     except OSError:
         return True
-    real = os.path.realpath(path)
+    real = os.path.abspath(path)  # no I/O: a hung mount must not hang the check
     best, fstype = "", ""
     for point, kind in table:
         point = point.replace("\\040", " ")

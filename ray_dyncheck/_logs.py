@@ -23,7 +23,7 @@ def console(rank: int = 0) -> None:
     chosen = log.level != logging.NOTSET
     if rank != 0 and not chosen:
         log.setLevel(logging.WARNING)
-    if logging.getLogger().handlers or any(h.get_name() == _HANDLER_NAME for h in log.handlers):
+    if logging.getLogger().handlers or log.handlers:
         return  # the application (or Ray Train, in its workers) configured logging: its levels apply
     if not chosen and rank == 0:
         log.setLevel(logging.INFO)

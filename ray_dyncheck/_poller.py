@@ -176,7 +176,10 @@ class RequestPoller:
                 logger.info("dyncheck: request %s (%s, kind=%s, stop=%s) claimed",
                             req.id, req.source, req.kind, req.stop)
                 if self._on_claim is not None:
-                    self._on_claim(req)
+                    try:
+                        self._on_claim(req)
+                    except Exception:  # a metric never costs a claim
+                        logger.debug("dyncheck: on_claim failed", exc_info=True)
             with self._lock:
                 self._pending.extend(found)
 

@@ -47,6 +47,8 @@ class PreemptionPlan:
         self.commit_s: dict[str, float] = {}
         """The newest measured seconds from decision to commit, per kind."""
         self._served: Notice | None = None
+        self._served_by: int | None = None
+        """The step of the save that answers the served notice."""
         self._seen_at: dict[Notice, float] = {}
 
     def observe_commit(self, kind: str, seconds: float) -> None:
@@ -83,10 +85,12 @@ class PreemptionPlan:
         kind = "full" if SAFETY * full_s + MARGIN_S <= left else "weights"
         return kind, f"{basis} {full_s:.1f} s; {left:.0f} s left"
 
-    def served(self, notice: Notice) -> None:
-        """A save for ``notice`` started (or one in flight holds what it needs)."""
-        self._served = notice
+    def served(self, notice: Notice, by_step: int) -> None:
+        """The save of step ``by_step`` answers ``notice`` (one starting now, or one in flight)."""
+        self._served, self._served_by = notice, by_step
 
-    def rearm(self) -> None:
-        """The save for the newest notice failed: the next check tries again (if time is left)."""
-        self._served = None
+    def failed(self, step: int) -> None:
+        """The save of ``step`` committed nothing: if it was to answer the newest notice, the next check
+        tries again."""
+        if self._served is not None and self._served_by == step:
+            self._served = self._served_by = None

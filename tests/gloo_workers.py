@@ -114,6 +114,13 @@ def _act(run_dir: str, action: str) -> None:
         os.symlink(target, os.path.join(folder, name))
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("committed:"):  # until N checkpoints carry LocalBackend's commit marker
+        import glob
+
+        count, deadline = int(action.split(":", 1)[1]), time.time() + 60
+        while len(glob.glob(os.path.join(run_dir, "checkpoint_*", ".dyncheck-committed"))) < count:
+            assert time.time() < deadline, f"no {count} committed checkpoint(s)"
+            time.sleep(0.02)
     else:
         raise ValueError(action)
 

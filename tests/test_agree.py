@@ -110,15 +110,20 @@ def test_preemption_notice_saves_at_the_next_check_and_training_goes_on(tmp_path
     run_dir, out = str(tmp_path / "run"), str(tmp_path)
     cfg = {"check_interval": 5, "poll_interval_s": 0.05, "steps": 40, "step_time": 0.03,
            "preempt": {"7": 100.0, "22": 3.0}}
-    run_ranks(agreement_worker, 2, run_dir, out, cfg, {})
+    # The second notice comes once the first save is committed (one still in flight would answer it), with
+    # a request for a full save that would not fit before its deadline: weights first, the request after.
+    req = json.dumps({"id": "full-1", "kind": "full"})
+    run_ranks(agreement_worker, 2, run_dir, out, cfg, {"22": ["committed:1", f"request:{req}", "sleep:0.3"]})
     res = results(out, 2)
     assert res[0]["checks"] == res[1]["checks"]
     assert res[0]["final_step"] == res[1]["final_step"] == 40
     saves = [(s["step"], s["kind"], s["reason"]) for s in res[0]["saves"]]
-    assert saves == [(10, "full", "preemption"), (25, "weights", "preemption")]
+    assert saves[:2] == [(10, "full", "preemption"), (25, "weights", "preemption")]
+    assert saves[2][1:] == ("full", "request") and saves[2][0] in (30, 35) and len(saves) == 3
+    assert res[0]["saves"][2]["requests"] == ["full-1"]
     for s in res[0]["saves"]:
         meta = json.load(open(os.path.join(run_dir, s["name"], ".metadata.json")))
-        assert (meta["reason"], meta["step"]) == ("preemption", s["step"])
+        assert (meta["reason"], meta["step"]) == (s["reason"], s["step"])
 
 
 def test_preemption_plan_chooses_from_the_measured_time_to_commit():
@@ -134,11 +139,14 @@ def test_preemption_plan_chooses_from_the_measured_time_to_commit():
     kind, why = plan.choose(soon, now=1000.0)
     assert kind == "weights" and "12.0 s" in why and "20 s left" in why
     assert plan.choose(later, now=1000.0)[0] == "full"
-    # Once served, the same notice asks for nothing more; a new one (another node) does; a failed save re-arms.
+    # Once served, the same notice asks for nothing more; a new one (another node) does; a failure of the
+    # save that answers it re-arms it, a failure of another save does not.
     assert plan.pending(soon) is soon
-    plan.served(soon)
+    plan.served(soon, by_step=10)
     assert plan.pending(soon) is None and plan.pending(later) is later
-    plan.rearm()
+    plan.failed(5)
+    assert plan.pending(soon) is None
+    plan.failed(10)
     assert plan.pending(soon) is soon
     assert PreemptionPlan("none").pending(soon) is None
     assert PreemptionPlan("weights").choose(later)[0] == "weights"

@@ -54,3 +54,21 @@ def test_the_job_recipe_in_cluster_yaml_uses_flags_the_examples_take():
         used = set(re.findall(r"(--[a-z][a-z-]+)", recipe.split("train_torch.py", 1)[1].split("printf")[0]))
         missing = sorted(flag for flag in used if flag not in usage)
         assert not missing, f"{script} has no {missing}"
+
+
+def test_grafana_dashboard_queries_only_series_we_export():
+    import json
+
+    import ray_dyncheck._ray as adapter
+
+    dash = json.load(open(os.path.join(ROOT, "grafana", "dyncheck.json"), encoding="utf-8"))
+    source = open(adapter.__file__, encoding="utf-8").read()
+    exported = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(dyncheck_\w+)"', source))
+    assert len(exported) == 8
+    used = {name for panel in dash["panels"] for target in panel["targets"]
+            for name in re.findall(r"ray_(dyncheck_\w+)", target["expr"])}
+    base = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
+    assert base <= exported, base - exported
+    assert exported <= base, f"not on the dashboard: {exported - base}"
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert all(f"`ray_{n}" in readme for n in exported), "every series is in the README's table"
