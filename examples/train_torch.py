@@ -110,6 +110,9 @@ def main() -> int:
     args = p.parse_args()
 
     dc_config = rdc.DynamicCheckpointConfig.from_yaml(args.config)
+    # Ray Train's print patch tees every print() of a worker into its logger: each line would show twice.
+    # Workers of a local Ray inherit this; under `ray job submit` set it in --runtime-env-json.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
         ray.init()
     else:  # a local, embedded Ray: address="local" starts a new one even if a stale `ray start` left

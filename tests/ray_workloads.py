@@ -55,6 +55,7 @@ def train_fn(config: dict) -> None:
                                lr_scheduler=sched) as dc:
         info = dc.restore()
         start = dc.global_step
+        reads_requests = dc._core.poller is not None  # only rank 0 polls the request channel
         if rank == 0:  # every (re)start of the group, in order
             with open(os.path.join(out, "starts.log"), "a") as f:
                 f.write(f"{start}\n")
@@ -84,7 +85,7 @@ def train_fn(config: dict) -> None:
                 break
     record = {"rank": rank, "start": start, "final_step": dc.global_step, "checks": checks,
               "restored": None if info is None else [info.step, info.kind], "node": node,
-              "reads_requests": dc._core.poller is not None}
+              "reads_requests": reads_requests}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     inner = model.module if hasattr(model, "module") else model
@@ -127,6 +128,12 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         open(action.split(":", 1)[1], "a").close()
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("park_after:"):  # once a checkpoint with that reason is committed: wait to be killed
+        reason, log, marker = action.split(":", 1)[1], os.path.join(out, "commits.log"), os.path.join(out, "parked")
+        if not os.path.exists(marker) and os.path.exists(log) and any(
+                json.loads(line)["reason"] == reason for line in open(log)):
+            open(marker, "w").close()
+            time.sleep(120)
     elif action.startswith("wait_file:"):  # until the test creates that file (at most a minute)
         path, deadline = action.split(":", 1)[1], time.time() + 60
         while time.time() < deadline and not os.path.exists(path):
