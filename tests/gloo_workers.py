@@ -141,16 +141,32 @@ class _State:
         self.n = state["n"]
 
 
-def fault_worker(rank: int, world_size: int, port: int, run_dir: str, plan: str, out: str, case: dict) -> None:
+def fault_cases_worker(rank: int, world_size: int, port: int, cases: list) -> None:
+    """:func:`fault_case` for each ``(run_dir, plan, out, options)`` in turn, in one process group (one
+    process start for all of them). A case that raises records its error and the next one runs."""
+    import logging
+    import traceback
+
+    logging.basicConfig(level=logging.INFO)
+    _init(rank, world_size, port)
+    for run_dir, plan, out, options in cases:
+        try:
+            fault_case(rank, run_dir, plan, out, options)
+        except Exception:
+            with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+                json.dump({"error": traceback.format_exc()}, f)
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def fault_case(rank: int, run_dir: str, plan: str, out: str, case: dict) -> None:
     """Train with the hook on a fault-injecting filesystem; rank 0 asks for saves while the faults are
     on (step 3), clears them (``clear_at``), then asks again (``later_at``)."""
-    import logging
     import tempfile
 
     from faultfs import fault_fs, set_plan
 
-    logging.basicConfig(level=logging.INFO)
-    _init(rank, world_size, port)
+    tempfile.tempdir = None
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -185,9 +201,9 @@ def fault_worker(rank: int, world_size: int, port: int, run_dir: str, plan: str,
         time.sleep(0.02)
         dc.step()
     dc.close()
+    tempfile.tempdir = None
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"final_step": dc.global_step, "saves": dc.saves}, f)
-    dist.destroy_process_group()
 
 
 def restore_worker(rank: int, world_size: int, port: int, run_dir: str, plan: str, out: str) -> None:

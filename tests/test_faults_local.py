@@ -10,7 +10,7 @@ import os
 import pytest
 
 from faultfs import hits, set_plan
-from gloo_workers import fault_worker, restore_worker, run_ranks
+from gloo_workers import fault_cases_worker, restore_worker, run_ranks
 
 RAISE, HANG = {"action": "raise"}, {"action": "hang", "seconds": 2, "times": 1}
 
@@ -51,15 +51,28 @@ def receipts(run_dir):
     return {n[:-5]: json.load(open(os.path.join(folder, n))) for n in os.listdir(folder) if n.endswith(".json")}
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("rules,options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_fault_ends_with_every_request_answered(tmp_path, rules, options):
-    run_dir, plan, out = str(tmp_path / "run"), str(tmp_path / "plan.json"), str(tmp_path / "out")
-    os.makedirs(out)
-    set_plan(plan, rules)
-    run_ranks(fault_worker, 2, run_dir, plan, out, options)
+@pytest.fixture(scope="module")
+def fault_runs(tmp_path_factory):
+    """Every case, one after another in one pair of gloo processes (starting processes costs more than
+    a case): ``{case id: (run_dir, plan, out)}``."""
+    runs, cases = {}, []
+    for name, rules, options in CASES:
+        base = tmp_path_factory.mktemp(name)
+        run_dir, plan, out = str(base / "run"), str(base / "plan.json"), str(base / "out")
+        os.makedirs(out)
+        set_plan(plan, rules)
+        runs[name] = (run_dir, plan, out)
+        cases.append((run_dir, plan, out, options))
+    run_ranks(fault_cases_worker, 2, cases)
+    return runs
 
+
+@pytest.mark.timeout(900)  # the first one runs them all
+@pytest.mark.parametrize("name,rules,options", CASES, ids=[c[0] for c in CASES])
+def test_fault_ends_with_every_request_answered(fault_runs, name, rules, options):
+    run_dir, plan, out = fault_runs[name]
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    assert not any("error" in r for r in ranks), [r.get("error") for r in ranks]
     steps = options.get("steps", 70)
     assert [r["final_step"] for r in ranks] == [steps, steps], "no rank stopped early or hung"
     injected = hits(plan)
