@@ -153,6 +153,8 @@ class AutoInterval:
     training time.
     """
 
+    SHRINK_AFTER = 5
+
     def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3) -> None:
         self.max_overhead = max_overhead
         self.max_interval = max_interval
@@ -161,6 +163,7 @@ class AutoInterval:
         self.check_s: float | None = None
         self.interval = 1
         self._recent_checks: list[float] = []
+        self._short: list[float] = []
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
@@ -173,9 +176,19 @@ class AutoInterval:
         self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
         self.check_s = statistics.median(self._recent_checks)
         need = self.check_s / (self.max_overhead * self.step_s)
-        # Hysteresis: keep the current interval while it meets the budget and is not more than one
-        # notch too long, so measurement noise does not flip it back and forth.
-        if not (need <= self.interval <= _nice(2.5 * need)):
-            # At most 10x longer per check: one outlier must not silence checks for minutes.
+        if need > self.interval:
+            # Over budget: longer at once, but at most 10x per check (one outlier must not silence
+            # checks for minutes).
             self.interval = min(self.max_interval, 10 * self.interval, _nice(need))
+            self._short = []
+        elif self.interval > _nice(2.5 * need):
+            # More than a notch too long: shorter only once SHRINK_AFTER checks in a row agree, and
+            # only to twice what the most cautious of them needs (headroom), so noise in the measured
+            # costs does not flip it back and forth.
+            self._short.append(need)
+            if len(self._short) >= self.SHRINK_AFTER:
+                self.interval = _nice(2 * max(self._short))
+                self._short = []
+        else:
+            self._short = []
         return self.interval

@@ -154,3 +154,21 @@ def test_preemption_plan_chooses_from_the_measured_time_to_commit():
     undated = Notice(deadline=None, nodes=("n",))
     plan.pending(undated)
     assert 119 < plan.left_s(undated) <= 120
+
+
+def test_auto_interval_settles_on_a_steady_but_noisy_run():
+    """~100 ms steps and checks whose cost varies a lot (as against S3): the interval settles after the
+    first checks and does not flap (it was seen going 10 -> 2 -> 5 -> 10 within a minute)."""
+    import random
+
+    for seed in range(20):
+        rng, auto, changes = random.Random(seed), AutoInterval(max_overhead=0.005), []
+        for check in range(300):
+            before = auto.interval
+            if auto.observe(0.1 * rng.lognormvariate(0, 0.1), 0.002 * rng.lognormvariate(0, 0.6)) != before:
+                changes.append(check)
+        assert len(changes) <= 5 and len([c for c in changes if c >= 50]) <= 1, (seed, changes)
+    # It still shortens when checks really got cheaper, after a few checks that agree.
+    auto = AutoInterval(max_overhead=0.005)
+    assert [auto.observe(0.020, 0.004) for _ in range(3)][-1] == 50
+    assert [auto.observe(0.020, 0.0001) for _ in range(15)][-1] <= 2
