@@ -326,9 +326,7 @@ class WorkerCore:
             self.interval = agreed.next_interval
             self._next_check = step + agreed.next_interval
         if self.rank == 0:
-            self.metrics.check(self.poller.pending_count() if self.poller is not None else 0, self.interval
-                               if self._auto is not None else int(self.config.check_interval),
-                               step - self._committed_step)
+            self._gauges()
         self._last_check_s = time.perf_counter() - t_enter
         self._train_s, self._steps_since_check = 0.0, 0
         return agreed, requests
@@ -485,6 +483,13 @@ class WorkerCore:
             self.metrics.committed(kind, reason, since)
         record["committed_at"] = time.time()
         self._committed_step = max(self._committed_step, int(record["step"]))
+        self._gauges()  # work at risk drops now, not at the next check
+
+    def _gauges(self) -> None:
+        """Rank 0: pending requests, the check interval, steps since the newest commit."""
+        interval = self.interval if self._auto is not None else int(self.config.check_interval)
+        self.metrics.check(self.poller.pending_count() if self.poller is not None else 0, interval,
+                           max(0, self.last_step - self._committed_step))
 
     def uri(self, path: str | None) -> str | None:
         if path is None or self.channel is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,8 +116,12 @@ def test_spread_over_nodes_trigger_metrics_interrupt_and_resume(cluster, tmp_pat
                   "ray_dyncheck_save_blocked_seconds_bucket", "ray_dyncheck_request_to_commit_seconds_count",
                   "ray_dyncheck_pending_requests", "ray_dyncheck_check_interval_steps",
                   "ray_dyncheck_steps_since_commit")
-        lines = wait_for(lambda: (ls := scrape("mn")) and all(any(ln.startswith(n) for ln in ls) for n in needed)
-                         and ls, "the metrics on the nodes' endpoints", 180)
+        def complete(ls: list[str]) -> bool:  # every series, and work at risk counted from the commit
+            return all(any(ln.startswith(n) for ln in ls) for n in needed) and any(
+                ln.startswith("ray_dyncheck_steps_since_commit{") and float(ln.rsplit(" ", 1)[1]) <= 10 for ln in ls)
+
+        lines = wait_for(lambda: (ls := scrape("mn")) and complete(ls) and ls, "the metrics on the nodes' endpoints",
+                         180)
         go.touch()
         print("\n".join(lines))  # quoted in the closing note
         assert value(lines, "ray_dyncheck_requests_total", source="trigger") == 1.0
@@ -124,7 +129,8 @@ def test_spread_over_nodes_trigger_metrics_interrupt_and_resume(cluster, tmp_pat
         assert value(lines, "ray_dyncheck_request_to_commit_seconds_count", kind="full", reason="trigger") == 1.0
         assert value(lines, "ray_dyncheck_save_blocked_seconds_count", kind="full") == 1.0
         assert value(lines, "ray_dyncheck_check_interval_steps") == 5.0
-        assert 0 <= value(lines, "ray_dyncheck_steps_since_commit") <= 20
+        # The step-10 checkpoint is committed: at most 10 steps (rank 0 holds at step 20) are at risk.
+        assert 0 <= value(lines, "ray_dyncheck_steps_since_commit") <= 10
         assert all('ray_train_run_id="' in ln for ln in lines)
         time.sleep(1.0)
         driver.send_signal(signal.SIGINT)
@@ -141,6 +147,12 @@ def test_spread_over_nodes_trigger_metrics_interrupt_and_resume(cluster, tmp_pat
     saved = [(ch[0], ch[2]) for ch in records[0]["checks"] if ch[1]]
     assert saved[0] == (10, "full") and saved[-1][1] == "weights"
     assert "is on this node's disk only" in text, "a node-local trigger path is warned about"
+    # The driver's console: rank 0's lines for the claim, the save and the commit; nothing of ours from rank 1.
+    pid0, pid1 = ((out / f"pid{r}").read_text() for r in range(2))
+    ours = [ln for ln in text.splitlines() if "dyncheck:" in ln]
+    assert any(f"pid={pid0}" in ln and "full checkpoint at step 10 (trigger" in ln for ln in ours), ours
+    assert any(f"pid={pid0}" in ln and "full checkpoint for step 10 committed at" in ln for ln in ours), ours
+    assert not [ln for ln in ours if re.search(rf"pid={pid1}\b", ln)], "rank 1 stays quiet"
 
     # Resume on the cluster, spread again: from the interrupt's weights checkpoint.
     from ray.train import RunConfig, ScalingConfig
