@@ -283,6 +283,7 @@ class WorkerCore:
 
     def _check(self, step: int, t_enter: float) -> tuple[Decision, list[Request]]:
         requests: list[Request] = []
+        notice: Notice | None = None
         busy = self.in_flight
         local = Decision(next_interval=self.interval, busy=busy)
         if self.rank == 0:
@@ -301,8 +302,6 @@ class WorkerCore:
                 if requests and self.poller is not None:
                     self.poller.requeue(requests)  # not lost: decided on at the next check
                 requests, notice = [], None
-        else:
-            notice = None
         agreed = self.agreement.agree(local)
         if agreed.save and agreed.busy:
             agreed, requests = self._defer(agreed, requests, step)

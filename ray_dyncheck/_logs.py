@@ -14,8 +14,6 @@ import sys
 
 __all__ = ["console"]
 
-_HANDLER_NAME = "ray_dyncheck-console"
-
 
 def console(rank: int = 0) -> None:
     """Show our lines: INFO on rank 0 (and the driver), warnings and errors only on other ranks."""
@@ -28,7 +26,6 @@ def console(rank: int = 0) -> None:
     if not chosen and rank == 0:
         log.setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False  # nothing above would print it; a later basicConfig would print it twice

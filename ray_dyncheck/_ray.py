@@ -166,7 +166,8 @@ def _internal_context() -> Any:
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
-        return get_train_context() if hasattr(get_train_context(), "preemption_context") else None
+        context = get_train_context()
+        return context if hasattr(context, "preemption_context") else None
     except Exception:  # another Ray version, or Ray Train's local mode
         logger.info("dyncheck: Ray's preemption notices are not readable here; saving on preemption is off",
                     exc_info=True)
