@@ -22,6 +22,8 @@ import statistics
 import time
 from typing import Any
 
+from benchmarks._common import ray_run
+
 
 def _per_call_s(fn: Any, calls: int) -> float:
     t0 = time.perf_counter()
@@ -60,23 +62,7 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as storage:
-            out = f"{storage}/rows.json"
-            TorchTrainer(train_fn, train_loop_config={"calls": args.calls, "rounds": args.rounds, "out": out},
-                         scaling_config=ScalingConfig(num_workers=2),
-                         run_config=RunConfig(name="bench", storage_path=storage)).fit()
-            with open(out) as f:
-                rows = json.load(f)
-    finally:
-        ray.shutdown()
+    rows = ray_run(train_fn, {"calls": args.calls, "rounds": args.rounds}, num_workers=2, num_cpus=2)
     base = rows["agree"]
     print(f"per check, rank 0, 2 workers, {platform.processor() or platform.machine()}, "
           f"median of {args.rounds} rounds:")

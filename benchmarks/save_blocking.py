@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 import ray_dyncheck as rdc
+from benchmarks._common import ray_run
 
 
 def _state(size_mb: float, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -153,7 +154,7 @@ def _steps_per_s(seconds: float, during: Callable[[], Any] | None, device: torch
     return steps / (time.perf_counter() - t0)
 
 
-def run(sizes_mb: list[float], rounds: int, device: torch.device) -> dict[str, Any]:
+def measure(sizes_mb: list[float], rounds: int, device: torch.device, during_s: float = 60.0) -> dict[str, Any]:
     results: dict[str, Any] = {"sizes": []}
     root = tempfile.mkdtemp(prefix="dyncheck-bench-")
     try:
@@ -181,7 +182,7 @@ def run(sizes_mb: list[float], rounds: int, device: torch.device) -> dict[str, A
         model, opt = _state(max(sizes_mb), device)
         methods = _Methods(model, opt, root, device)
         idle = _steps_per_s(3.0, None, device)
-        during = _steps_per_s(60.0, lambda: methods.ours_async(), device)
+        during = _steps_per_s(during_s, lambda: methods.ours_async(), device)
         results["steps_per_s"] = {"idle": idle, "during_background_write": during, "ratio": during / idle,
                                   "size_mb": results["sizes"][-1]["size_mb"]}
         methods.close()
@@ -212,23 +213,39 @@ def _ray_train(config: dict[str, Any]) -> None:
 
 def run_ray(size_mb: float, rounds: int) -> dict[str, Any]:
     """Ours async under Ray Train: one CPU worker, local storage."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    root = tempfile.mkdtemp(prefix="dyncheck-bench-ray-")
-    out = os.path.join(root, "result.json")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        TorchTrainer(_ray_train, train_loop_config={"size_mb": size_mb, "rounds": rounds, "out": out},
-                     scaling_config=ScalingConfig(num_workers=1),
-                     run_config=RunConfig(name="bench", storage_path=root)).fit()
-        with open(out) as f:
-            m = json.load(f)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
+    m = ray_run(_ray_train, {"size_mb": size_mb, "rounds": rounds}, num_workers=1, num_cpus=2)
     return {"size_mb": size_mb, "blocked": m["blocked"], "copy": m["copy"], "x_copy": m["blocked"] / m["copy"]}
+
+
+# mode -> (state sizes in MB, rounds, seconds of training measured during a background write, MB under Ray)
+PLANS: dict[str, tuple[list[float], int, float, float | None]] = {
+    "smoke": ([5], 1, 1.0, None), "quick": ([10, 100], 3, 10.0, None), "full": ([10, 100, 1000], 5, 60.0, 400)}
+
+
+def run(mode: str) -> dict[str, Any]:
+    """The section of ``benchmarks.run``: the sizes and rounds of ``mode``; under Ray in full mode only."""
+    sizes, rounds, during_s, ray_mb = PLANS[mode]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = measure(sizes, rounds, device, during_s)
+    if ray_mb:
+        results["ray"] = run_ray(ray_mb, rounds)
+    return results
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    lines = ["| state | in-memory copy (the floor) | `torch.save` | DCP `async_save` (until it returns) | "
+             "ours, `save_mode: sync` | ours, `async` (default) |", "|---" * (len(METHODS) + 1) + "|"]
+    for row in results["sizes"]:
+        cells = [f"{row[m]['blocked'] * 1e3:.1f} ms ({row[m]['x_copy']:.2f}x)" for m in METHODS]
+        lines.append(f"| {row['size_mb']:.0f} MB | " + " | ".join(cells) + " |")
+    s = results["steps_per_s"]
+    lines += ["", f"Training steps/s during a background write of {s['size_mb']:.0f} MB: "
+              f"{s['ratio']:.2f}x idle ({s['during_background_write']:.1f} vs {s['idle']:.1f})."]
+    if "ray" in results:
+        r = results["ray"]
+        lines.append(f"Under Ray Train ({r['size_mb']:.0f} MB, one CPU worker): ours async blocked "
+                     f"{r['blocked'] * 1e3:.1f} ms, {r['x_copy']:.2f}x an in-memory copy in the same worker.")
+    return lines
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -248,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure ours async under Ray Train (one CPU worker) at this state size")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    results = run(args.sizes_mb, args.rounds, device)
+    results = measure(args.sizes_mb, args.rounds, device)
     if args.ray:
         results["ray"] = run_ray(args.ray, args.rounds)
         r = results["ray"]

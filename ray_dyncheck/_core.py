@@ -145,13 +145,16 @@ class WorkerCore:
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         # Collective: every rank constructs it here.
         self.agreement = Agreement(timeout_s=config.collective_timeout_s)
-        self._auto = AutoInterval(config.max_check_overhead) if config.auto_interval else None
+        # No more than two checks per poll: a request waits at most a poll plus half a poll (and a step).
+        self._auto = AutoInterval(config.max_check_overhead, min_period_s=config.poll_interval_s / 2) \
+            if config.auto_interval else None
         self.interval = 1
         self._logged_interval = 0
         self._next_check = 1
         self._train_s = 0.0
         self._steps_since_check = 0
-        self._last_check_s = 0.0
+        self._own_s = 0.0
+        """Time spent in check() since the last check began: that check plus the steps' counters."""
         self._t_exit: float | None = None
         self._announced = False
         self.last_step = 0
@@ -258,6 +261,7 @@ class WorkerCore:
             left = (-step) % int(self.config.check_interval)
             logger.warning("dyncheck: a request is waiting; the next check is in %d step(s) (check_interval=%s)",
                            left, self.config.check_interval)
+        self._own_s += time.perf_counter() - t_enter
         return None, []
 
     def finish(self, decision: Decision | None, requests: Sequence[Request], step: int, *, saved: bool) -> bool:
@@ -290,7 +294,7 @@ class WorkerCore:
             try:
                 if self._auto is not None and self._train_s > 0:
                     self.interval = self._auto.observe(self._train_s / self._steps_since_check,
-                                                       self._last_check_s)
+                                                       self._own_s)
                 requests = self.poller.take() if self.poller is not None else []
                 local = replace(decide(requests, self.interval), busy=busy)
                 notice = self._preemption.pending(self._notice())
@@ -326,7 +330,7 @@ class WorkerCore:
             self._next_check = step + agreed.next_interval
         if self.rank == 0:
             self._gauges()
-        self._last_check_s = time.perf_counter() - t_enter
+        self._own_s = time.perf_counter() - t_enter
         self._train_s, self._steps_since_check = 0.0, 0
         return agreed, requests
 

@@ -134,6 +134,17 @@ class Agreement:
                 logger.debug("dyncheck: side group already destroyed", exc_info=True)
 
 
+def _nice_down(n: float) -> int:
+    """The largest of 1, 2, 5, 10, 20, 50, ... that is <= n (at least 1)."""
+    if n < 2:
+        return 1
+    exp = 10 ** math.floor(math.log10(n))
+    for m in (5, 2, 1):
+        if m * exp <= n:
+            return int(m * exp)
+    return int(exp)  # pragma: no cover
+
+
 def _nice(n: float) -> int:
     """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= n: stable intervals, fewer log lines."""
     if n <= 1:
@@ -148,15 +159,22 @@ def _nice(n: float) -> int:
 class AutoInterval:
     """Rank 0's choice of the next check interval for ``check_interval: auto``.
 
-    Keeps a smoothed step time (training only, our own work excluded) and the check cost (the median
-    of the last 8), and picks the shortest interval for which checks stay within ``max_overhead`` of
-    training time.
+    Keeps a smoothed step time (training only, our own work excluded) and what checking costs per
+    check: the hook's own time over one check period (the check, and the step counters between two
+    checks), the mean of the last 8 periods without the largest one (so waits for a slower rank count
+    unless one was a one-off). It picks the
+    shortest interval for which that stays within ``max_overhead`` of training time, but never one
+    that checks more often than every ``min_period_s`` (in steps, rounded down to 1, 2, 5, 10, ...):
+    rank 0's poller reads storage once per poll interval, so a check between two polls can carry no
+    new request; ``WorkerCore`` passes half the poll interval.
     """
 
     SHRINK_AFTER = 5
 
-    def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3) -> None:
+    def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3,
+                 min_period_s: float = 0.0) -> None:
         self.max_overhead = max_overhead
+        self.min_period_s = min_period_s
         self.max_interval = max_interval
         self.smoothing = smoothing
         self.step_s: float | None = None
@@ -169,25 +187,29 @@ class AutoInterval:
         return new if old is None else old + self.smoothing * (new - old)
 
     def observe(self, step_s: float, check_s: float) -> int:
-        """Record the mean step time since the last check and this check's cost; return the interval."""
+        """Record the mean step time since the last check and the hook's own time over that period;
+        return the interval."""
         self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
-        # The median of the last 8: one check that waited on a slow rank (a wait the next gradient
-        # all-reduce would have had anyway) does not move it.
+        # A mean, not a median: the budget is kept on average, waits for slower ranks included (time
+        # the next gradient all-reduce would partly have waited anyway: this errs on the safe side).
+        # Without the largest of the last 8: one check that waited on a stalled rank does not move it.
         self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
-        self.check_s = statistics.median(self._recent_checks)
+        kept = sorted(self._recent_checks)[:-1] if len(self._recent_checks) > 2 else self._recent_checks
+        self.check_s = statistics.fmean(kept)
         need = self.check_s / (self.max_overhead * self.step_s)
-        if need > self.interval:
-            # Over budget: longer at once, but at most 10x per check (one outlier must not silence
-            # checks for minutes).
-            self.interval = min(self.max_interval, 10 * self.interval, _nice(need))
+        floor = min(self.max_interval, _nice_down(self.min_period_s / self.step_s))
+        if need > self.interval or floor > self.interval:
+            # Over budget, or checking faster than the poller can have news: longer at once, but for
+            # the budget at most 10x per check (one outlier must not silence checks for minutes).
+            self.interval = max(floor, min(self.max_interval, 10 * self.interval, _nice(need)))
             self._short = []
-        elif self.interval > _nice(2.5 * need):
+        elif self.interval > max(floor, _nice(2.5 * need)):
             # More than a notch too long: shorter only once SHRINK_AFTER checks in a row agree, and
             # only to twice what the most cautious of them needs (headroom), so noise in the measured
             # costs does not flip it back and forth.
             self._short.append(need)
             if len(self._short) >= self.SHRINK_AFTER:
-                self.interval = _nice(2 * max(self._short))
+                self.interval = max(floor, _nice(2 * max(self._short)))
                 self._short = []
         else:
             self._short = []

@@ -87,7 +87,7 @@ def test_auto_interval_choice():
     assert auto.observe(0.020, 0.001) == 10
     # Noise around the same point keeps it.
     assert [auto.observe(0.021, 0.00095) for _ in range(3)] == [10, 10, 10]
-    # One check that waited on a slow rank does not move it: the median of recent costs counts.
+    # One check that waited on a slow rank does not move it: the largest of the recent costs is left out.
     assert auto.observe(0.020, 0.050) == 10
     # Consistently slower checks: the budget forces a longer interval, 10x per check at most.
     assert [auto.observe(0.020, 0.004) for _ in range(9)][-1] == 50
@@ -172,3 +172,16 @@ def test_auto_interval_settles_on_a_steady_but_noisy_run():
     auto = AutoInterval(max_overhead=0.005)
     assert [auto.observe(0.020, 0.004) for _ in range(3)][-1] == 50
     assert [auto.observe(0.020, 0.0001) for _ in range(15)][-1] <= 2
+
+
+def test_auto_interval_checks_no_faster_than_requests_can_arrive():
+    """With a poll every second, checking more than twice a second carries no new request: the floor
+    is half the poll interval in steps (rounded down to 1, 2, 5, 10, ...), even when checks are cheap;
+    a costly check still lengthens it beyond, and slower steps lower the floor again."""
+    auto = AutoInterval(max_overhead=0.005, min_period_s=0.5)
+    assert auto.observe(0.005, 0.00001) == 100  # 0.5 s / 5 ms, at once (the budget alone would say 1)
+    assert [auto.observe(0.005, 0.01) for _ in range(5)][-1] == 500  # 10 ms checks: the budget rules
+    slow = AutoInterval(max_overhead=0.005, min_period_s=0.5)
+    assert slow.observe(0.2, 0.00001) == 2  # 0.5 s / 200 ms = 2.5: rounded down, 0.4 s between checks
+    assert slow.observe(0.6, 0.00001) == 2  # slower steps: the floor is 1, the interval shrinks only later
+    assert [slow.observe(0.6, 0.00001) for _ in range(10)][-1] == 1
