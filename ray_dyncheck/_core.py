@@ -9,6 +9,7 @@ checkpoint on every rank with its receipts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -150,7 +151,8 @@ class WorkerCore:
             if config.auto_interval else None
         self.interval = 1
         self._logged_interval = 0
-        self._next_check = 1
+        self._next_check = self._first_check_after(0)
+        """The next check step (every rank): a multiple of ``check_interval``, or as ``auto`` agreed."""
         self._train_s = 0.0
         self._steps_since_check = 0
         self._own_s = 0.0
@@ -175,6 +177,8 @@ class WorkerCore:
         self.channel: RequestChannel | None = None
         if config.enabled and self.rank == 0:
             self._start_poller()
+        self._watch = self._auto is None and self.poller is not None
+        """Rank 0 with a fixed interval: say when a waiting request will be seen."""
 
     def _start_poller(self) -> None:
         storage = self.backend.storage()
@@ -212,7 +216,7 @@ class WorkerCore:
 
     def start_at(self, step: int) -> None:
         """Training (re)starts after ``step`` (a resume): the next check is the next step."""
-        self._next_check = step + 1
+        self._next_check = self._first_check_after(step)
         self.last_step = step
         self._committed_step = step
 
@@ -240,6 +244,21 @@ class WorkerCore:
 
     # -- the per-step check --------------------------------------------------------------------
 
+    def tick(self, step: int) -> bool:
+        """The common step, as cheap as it can be: when no check is due (and no waiting request is to
+        be announced) count it and return ``True``; else ``False``, and :meth:`check` must run."""
+        if step >= self._next_check or (self._watch and not self._announced and self.poller is not None
+                                        and self.poller.has_pending()):
+            return False
+        t = time.perf_counter()
+        if self._t_exit is not None:
+            self._train_s += t - self._t_exit
+        self._steps_since_check += 1
+        self.last_step = step
+        self._t_exit = time.perf_counter()
+        self._own_s += self._t_exit - t
+        return True
+
     def check(self, step: int) -> tuple[Decision | None, list[Request]]:
         """Every rank, once per optimizer step, with the number of the step just finished.
 
@@ -251,16 +270,14 @@ class WorkerCore:
         if self._t_exit is not None:
             self._train_s += t_enter - self._t_exit
         self._steps_since_check += 1
-        if not self.config.enabled:
-            return None, []
-        if self._is_check_step(step):
+        if step >= self._next_check:
             self._announced = False
             return self._check(step, t_enter)
-        if self._auto is None and self.poller is not None and not self._announced and self.poller.has_pending():
+        # Every other step: a few counters (this path runs at every step; keep it short).
+        if self._watch and not self._announced and self.poller is not None and self.poller.has_pending():
             self._announced = True  # a fixed interval can be long: say when the request will be seen
-            left = (-step) % int(self.config.check_interval)
             logger.warning("dyncheck: a request is waiting; the next check is in %d step(s) (check_interval=%s)",
-                           left, self.config.check_interval)
+                           self._next_check - step, self.config.check_interval)
         self._own_s += time.perf_counter() - t_enter
         return None, []
 
@@ -280,10 +297,13 @@ class WorkerCore:
         """Our own work ends here; time from now to the next :meth:`check` is training."""
         self._t_exit = time.perf_counter()
 
-    def _is_check_step(self, step: int) -> bool:
+    def _first_check_after(self, step: int) -> float:
+        if not self.config.enabled:
+            return math.inf
         if self._auto is None:
-            return step % int(self.config.check_interval) == 0
-        return step >= self._next_check
+            n = int(self.config.check_interval)
+            return (step // n + 1) * n
+        return step + 1
 
     def _check(self, step: int, t_enter: float) -> tuple[Decision, list[Request]]:
         requests: list[Request] = []
@@ -328,6 +348,8 @@ class WorkerCore:
                             self.config.max_check_overhead * 100)
             self.interval = agreed.next_interval
             self._next_check = step + agreed.next_interval
+        else:
+            self._next_check = self._first_check_after(step)
         if self.rank == 0:
             self._gauges()
         self._own_s = time.perf_counter() - t_enter

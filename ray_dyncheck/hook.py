@@ -92,6 +92,7 @@ class DynamicCheckpoint:
         check_supported(unwrap_model(model))
         self.global_step = 0
         self.should_stop = False
+        self._save_steps = self.config.save_steps
         self._core = WorkerCore(self.config, backend)  # collective: every rank constructs it here
         self._pipeline = SavePipeline(self._core, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       extra_state=self.extra_state)  # collective too
@@ -206,9 +207,11 @@ class DynamicCheckpoint:
         Returns the agreed decision at a check step, else ``None``.
         """
         self.global_step += 1
+        if self._save_steps is None and self._core.tick(self.global_step):
+            return None  # most steps: no check due, no schedule
         step = self.global_step
         decision, requests = self._core.check(step)
-        scheduled = self.config.save_steps is not None and step % self.config.save_steps == 0
+        scheduled = self._save_steps is not None and step % self._save_steps == 0
         saving = (decision is not None and decision.save) or scheduled
         if saving:
             if decision is not None and decision.save:
