@@ -5,8 +5,8 @@ step (the step time), and call, after each optimizer step, one of:
 
   none, none-b    nothing (twice: the spread between the two is this run's noise floor, the A/A row)
   auto            ours, ``check_interval: auto`` (the default)
-  auto, no floor  ``auto`` as it was before checks were limited to two per poll interval (the budget
-                  alone chose the interval): the before/after of that change, in the same run
+  auto, no floor  ``auto`` with its floor (about half a poll interval between checks) turned off, the
+                  budget alone choosing the interval: what the floor changes, in the same run
   every 1/10/100  ours at a fixed ``check_interval``
   axolotl N       the peer design of Axolotl's dynamic checkpoint: every N steps rank 0 stats the
                   trigger file on the training thread, broadcasts a flag, and all ranks barrier
@@ -20,7 +20,11 @@ Every variant lives in the same processes; each round runs every variant once, i
 * overhead, in process: the share of the segment each rank spent inside the call (low noise). A check
   that waits for a slower rank absorbs skew DDP's next all-reduce would otherwise have waited for;
 * reaction: the trigger is touched at a random moment while it trains; the time and the steps until
-  every rank has decided to save.
+  every rank has decided to save (for ours, until ``step()`` returned: the save's own blocking part,
+  a few ms for this model, is included; for the peers, until the flag arrived).
+
+Rank 0's pollers (one per hook of ours, all alive the whole run) run during every variant, ``none``
+included: their cost is not in these ratios; ``benchmarks.poller_cost`` measures it on its own.
 
     python -m benchmarks.checks [--mode quick] [--world 2] [--step-ms 5 20 200] [--json PATH]
 """

@@ -14,8 +14,9 @@ Sections (each also runs alone: ``python -m benchmarks.<section> --mode quick``)
   poller       storage requests per poll and per day, and the poller's CPU (benchmarks.poller_cost)
   memory       peak RSS with vs without the hook; extra bytes during a save (benchmarks.memory)
 
-Every figure is a ratio or a difference measured within the same run (these machines are shared and
-noisy); the JSON records the versions and the machine.
+Every comparison is a ratio or a difference measured within the same run, with a spread (these
+machines are shared and noisy); latencies are seconds, with their spread. The JSON records the
+versions and the machine.
 """
 
 from __future__ import annotations

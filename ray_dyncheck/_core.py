@@ -146,7 +146,7 @@ class WorkerCore:
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         # Collective: every rank constructs it here.
         self.agreement = Agreement(timeout_s=config.collective_timeout_s)
-        # No more than two checks per poll: a request waits at most a poll plus half a poll (and a step).
+        # About half a poll interval at least between checks (a check between two polls carries nothing new).
         self._auto = AutoInterval(config.max_check_overhead, min_period_s=config.poll_interval_s / 2) \
             if config.auto_interval else None
         self.interval = 1
@@ -155,8 +155,10 @@ class WorkerCore:
         """The next check step (every rank): a multiple of ``check_interval``, or as ``auto`` agreed."""
         self._train_s = 0.0
         self._steps_since_check = 0
-        self._own_s = 0.0
-        """Time spent in check() since the last check began: that check plus the steps' counters."""
+        self._check_s = 0.0
+        """Rank 0: how long the last check took (its whole call)."""
+        self._tick_s = 0.0
+        """Our own time in the ordinary steps since the last check (measured inside tick/check)."""
         self._t_exit: float | None = None
         self._announced = False
         self.last_step = 0
@@ -179,6 +181,8 @@ class WorkerCore:
             self._start_poller()
         self._watch = self._auto is None and self.poller is not None
         """Rank 0 with a fixed interval: say when a waiting request will be seen."""
+        self._timed = self._auto is not None and self.rank == 0
+        """Rank 0 with ``auto``: the step and check times choose the interval."""
 
     def _start_poller(self) -> None:
         storage = self.backend.storage()
@@ -215,7 +219,8 @@ class WorkerCore:
                          "collective_timeout_s); saving again anyway: check the storage", timeout)
 
     def start_at(self, step: int) -> None:
-        """Training (re)starts after ``step`` (a resume): the next check is the next step."""
+        """Training (re)starts after ``step`` (a resume): the next check is the next step (``auto``) or
+        the next multiple of ``check_interval``."""
         self._next_check = self._first_check_after(step)
         self.last_step = step
         self._committed_step = step
@@ -250,13 +255,15 @@ class WorkerCore:
         if step >= self._next_check or (self._watch and not self._announced and self.poller is not None
                                         and self.poller.has_pending()):
             return False
+        self._steps_since_check += 1
+        self.last_step = step
+        if not self._timed:  # only rank 0 with ``auto`` needs the times
+            return True
         t = time.perf_counter()
         if self._t_exit is not None:
             self._train_s += t - self._t_exit
-        self._steps_since_check += 1
-        self.last_step = step
         self._t_exit = time.perf_counter()
-        self._own_s += self._t_exit - t
+        self._tick_s += self._t_exit - t
         return True
 
     def check(self, step: int) -> tuple[Decision | None, list[Request]]:
@@ -278,7 +285,7 @@ class WorkerCore:
             self._announced = True  # a fixed interval can be long: say when the request will be seen
             logger.warning("dyncheck: a request is waiting; the next check is in %d step(s) (check_interval=%s)",
                            self._next_check - step, self.config.check_interval)
-        self._own_s += time.perf_counter() - t_enter
+        self._tick_s += time.perf_counter() - t_enter
         return None, []
 
     def finish(self, decision: Decision | None, requests: Sequence[Request], step: int, *, saved: bool) -> bool:
@@ -313,8 +320,9 @@ class WorkerCore:
         if self.rank == 0:
             try:
                 if self._auto is not None and self._train_s > 0:
-                    self.interval = self._auto.observe(self._train_s / self._steps_since_check,
-                                                       self._own_s)
+                    steps = self._steps_since_check
+                    self.interval = self._auto.observe(self._train_s / steps, self._check_s,
+                                                       self._tick_s / max(1, steps - 1))
                 requests = self.poller.take() if self.poller is not None else []
                 local = replace(decide(requests, self.interval), busy=busy)
                 notice = self._preemption.pending(self._notice())
@@ -352,7 +360,8 @@ class WorkerCore:
             self._next_check = self._first_check_after(step)
         if self.rank == 0:
             self._gauges()
-        self._own_s = time.perf_counter() - t_enter
+        self._check_s = time.perf_counter() - t_enter
+        self._tick_s = 0.0
         self._train_s, self._steps_since_check = 0.0, 0
         return agreed, requests
 

@@ -159,14 +159,19 @@ def _nice(n: float) -> int:
 class AutoInterval:
     """Rank 0's choice of the next check interval for ``check_interval: auto``.
 
-    Keeps a smoothed step time (training only, our own work excluded) and what checking costs per
-    check: the hook's own time over one check period (the check, and the step counters between two
-    checks), the mean of the last 8 periods without the largest one (so waits for a slower rank count
-    unless one was a one-off). It picks the
-    shortest interval for which that stays within ``max_overhead`` of training time, but never one
-    that checks more often than every ``min_period_s`` (in steps, rounded down to 1, 2, 5, 10, ...):
-    rank 0's poller reads storage once per poll interval, so a check between two polls can carry no
-    new request; ``WorkerCore`` passes half the poll interval.
+    Two limits, the longer of which is the interval:
+
+    * **the budget**: checks stay within ``max_overhead`` of training time. It keeps a smoothed step
+      time (training only, our own work excluded), what a check costs on rank 0 (the mean of the
+      last 8 without the largest: waits for a slower rank count, unless one was a one-off) and the
+      hook's own time per ordinary step; the interval is the shortest in 1, 2, 5, 10, ... for which
+      ``check / interval + per_step <= max_overhead * step``. It grows at once when over budget (at
+      most 10x per check) and shrinks only when ``SHRINK_AFTER`` checks in a row agree, to twice what
+      they need, so noise in the measured costs does not make it flap;
+    * **the floor**: about ``min_period_s`` between checks, in steps rounded down to 1, 2, 5, 10, ...
+      (so between 0.4x and 1x of it). Rank 0's poller reads storage once per poll interval, so a
+      check between two polls can carry no new request; ``WorkerCore`` passes half the poll interval.
+      It follows the smoothed step time: up at most 10x per check, down at once (with a 20 % margin).
     """
 
     SHRINK_AFTER = 5
@@ -179,38 +184,45 @@ class AutoInterval:
         self.smoothing = smoothing
         self.step_s: float | None = None
         self.check_s: float | None = None
+        self.tick_s: float | None = None
         self.interval = 1
+        self.budget = 1
+        self.floor = 1
         self._recent_checks: list[float] = []
         self._short: list[float] = []
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
 
-    def observe(self, step_s: float, check_s: float) -> int:
-        """Record the mean step time since the last check and the hook's own time over that period;
-        return the interval."""
+    def observe(self, step_s: float, check_s: float, tick_s: float = 0.0) -> int:
+        """Record the mean step time since the last check, the last check's cost and the hook's mean
+        time per ordinary step since; return the interval."""
         self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
-        # A mean, not a median: the budget is kept on average, waits for slower ranks included (time
-        # the next gradient all-reduce would partly have waited anyway: this errs on the safe side).
-        # Without the largest of the last 8: one check that waited on a stalled rank does not move it.
+        self.tick_s = self._ema(self.tick_s, max(tick_s, 0.0))
         self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
         kept = sorted(self._recent_checks)[:-1] if len(self._recent_checks) > 2 else self._recent_checks
         self.check_s = statistics.fmean(kept)
-        need = self.check_s / (self.max_overhead * self.step_s)
-        floor = min(self.max_interval, _nice_down(self.min_period_s / self.step_s))
-        if need > self.interval or floor > self.interval:
-            # Over budget, or checking faster than the poller can have news: longer at once, but for
-            # the budget at most 10x per check (one outlier must not silence checks for minutes).
-            self.interval = max(floor, min(self.max_interval, 10 * self.interval, _nice(need)))
+        # What is left of the budget per step once every step's own cost is paid (if the steps alone
+        # exceed it, checks cannot help: budget them as if the steps cost nothing).
+        per_step = self.max_overhead * self.step_s - self.tick_s
+        if per_step <= 0:
+            per_step = self.max_overhead * self.step_s
+        need = self.check_s / per_step
+        if need > self.budget:
+            self.budget = min(self.max_interval, 10 * self.budget, _nice(need))
             self._short = []
-        elif self.interval > max(floor, _nice(2.5 * need)):
-            # More than a notch too long: shorter only once SHRINK_AFTER checks in a row agree, and
-            # only to twice what the most cautious of them needs (headroom), so noise in the measured
-            # costs does not flip it back and forth.
+        elif self.budget > _nice(2.5 * need):
             self._short.append(need)
             if len(self._short) >= self.SHRINK_AFTER:
-                self.interval = max(floor, _nice(2 * max(self._short)))
+                self.budget = _nice(2 * max(self._short))
                 self._short = []
         else:
             self._short = []
+        steps = self.min_period_s / self.step_s
+        target = min(self.max_interval, _nice_down(steps))
+        if target > self.floor:
+            self.floor = min(target, 10 * self.floor)
+        elif target < self.floor and steps < 0.8 * self.floor:
+            self.floor = target
+        self.interval = max(self.floor, self.budget)
         return self.interval

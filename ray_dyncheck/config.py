@@ -53,9 +53,9 @@ class DynamicCheckpointConfig:
 
     check_interval: CheckInterval = "auto"
     """Steps between checks for a trigger. ``auto`` keeps checks under ``max_check_overhead`` of
-    training time while reacting as fast as that allows, and checks no more than twice per
-    ``poll_interval_s`` (rank 0 cannot have a new request sooner); an integer N checks when ``step % N == 0``,
-    as Axolotl does."""
+    training time while reacting as fast as that allows, with at least about half a
+    ``poll_interval_s`` between checks (rank 0 cannot have a new request sooner); an integer N
+    checks when ``step % N == 0``, as Axolotl does."""
 
     trigger_file_path: str = DEFAULT_TRIGGER
     """The trigger file: relative to the run directory (``<storage_path>/<name>/``), or an absolute

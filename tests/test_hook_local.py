@@ -112,3 +112,31 @@ def test_restore_skips_incomplete_and_refuses_foreign(tmp_path, caplog):
     assert "was not written by ray_dyncheck; training state left as it is" in caplog.text
     assert dc3.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters()))
+
+
+def test_check_steps_after_a_resume_and_when_disabled(tmp_path):
+    """A fixed interval keeps Axolotl's meaning after a resume at any step (checks at multiples of N);
+    ``enabled: false`` never checks, and its schedule still saves."""
+    dc, _ = make(tmp_path / "a", {"check_interval": 5})
+    dc.global_step = 7
+    dc._core.start_at(7)
+    checks = [dc.global_step for _ in range(10) if dc.step() is not None]
+    assert checks == [10, 15]
+    dc.close()
+    off, _ = make(tmp_path / "b", {"enabled": False, "save_steps": 4})
+    assert [off.step() for _ in range(9)] == [None] * 9
+    assert [s["step"] for s in off.saves] == [4, 8]
+    off.close()
+
+
+def test_waiting_request_is_announced_once_with_when_it_will_be_seen(tmp_path, caplog):
+    dc, _ = make(tmp_path, {"check_interval": 1000, "poll_interval_s": 0.05})
+    dc.step()
+    open(tmp_path / "run" / "dyncheck.save", "w").close()
+    wait_claimed(dc)
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        for _ in range(5):
+            dc.step()
+    lines = [r.getMessage() for r in caplog.records if "is waiting" in r.getMessage()]
+    assert lines == ["dyncheck: a request is waiting; the next check is in 998 step(s) (check_interval=1000)"]
+    dc.close()
