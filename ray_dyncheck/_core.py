@@ -249,9 +249,10 @@ class WorkerCore:
 
     # -- the per-step check --------------------------------------------------------------------
 
-    def tick(self, step: int) -> bool:
+    def tick(self, step: int, t_enter: float | None = None) -> bool:
         """The common step, as cheap as it can be: when no check is due (and no waiting request is to
-        be announced) count it and return ``True``; else ``False``, and :meth:`check` must run."""
+        be announced) count it and return ``True``; else ``False``, and :meth:`check` must run.
+        ``t_enter``: when the caller's own per-step work began (its time counts as ours, not training)."""
         if step >= self._next_check or (self._watch and not self._announced and self.poller is not None
                                         and self.poller.has_pending()):
             return False
@@ -259,7 +260,7 @@ class WorkerCore:
         self.last_step = step
         if not self._timed:  # only rank 0 with ``auto`` needs the times
             return True
-        t = time.perf_counter()
+        t = time.perf_counter() if t_enter is None else t_enter
         if self._t_exit is not None:
             self._train_s += t - self._t_exit
         self._t_exit = time.perf_counter()
@@ -346,7 +347,9 @@ class WorkerCore:
         if agreed.save and requests and self.poller is not None:
             # Count the attempt before the save starts, so a save that kills the workers (out of
             # memory) is not retried after every restart. Bounded: a slow store only delays it.
+            t_marks = time.perf_counter()
             self.poller.begin(requests).wait(2.0)
+            t_enter += time.perf_counter() - t_marks  # the save's bookkeeping, not the check's cost
         if self._auto is not None:
             if self.rank == 0 and self._logged_interval != agreed.next_interval and self._auto.step_s:
                 self._logged_interval = agreed.next_interval

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -206,8 +207,9 @@ class DynamicCheckpoint:
         attached to a checkpoint only when one is saved, so CUDA tensors cost no sync otherwise.
         Returns the agreed decision at a check step, else ``None``.
         """
+        t_enter = time.perf_counter()
         self.global_step += 1
-        if self._save_steps is None and self._core.tick(self.global_step):
+        if self._save_steps is None and self._core.tick(self.global_step, t_enter):
             return None  # most steps: no check due, no schedule
         step = self.global_step
         decision, requests = self._core.check(step)
