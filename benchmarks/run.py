@@ -1,7 +1,7 @@
 """Every benchmark in one command: a Markdown table per section and one JSON file.
 
-    python -m benchmarks.run              # full: about 25 minutes on 2 cores
-    python -m benchmarks.run --quick      # a few minutes
+    python -m benchmarks.run              # full: about 40 minutes on 2 cores
+    python -m benchmarks.run --quick      # about 15 minutes (P1 at 3 step times and 3 world sizes)
     python -m benchmarks.run --smoke      # seconds: checks the JSON's shape, not the numbers (run by the tests)
     python -m benchmarks.run --only checks save --json results.json
 
@@ -72,7 +72,7 @@ def run_section(name: str, mode: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", const="quick", dest="mode", help="a few minutes")
+    g.add_argument("--quick", action="store_const", const="quick", dest="mode", help="about 15 minutes on 2 cores")
     g.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                    help="seconds; checks the result's shape, not its numbers")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
