@@ -7,6 +7,7 @@ spread, because the machines these run on are shared and noisy.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -103,8 +104,10 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 @contextmanager
 def s3_server(log: str | None = None) -> Iterator[tuple[int, str]]:
     """moto's S3 server on 127.0.0.1 with a bucket named ``bucket``; yields ``(port, log path)``. The
-    log holds one line per HTTP request the server answered (to count storage requests). Stopped by pid."""
+    log holds one line per HTTP request the server answered (to count storage requests); one made here
+    is removed afterwards. Stopped by pid. The tests' S3 fixture uses it too."""
     port = free_port()
+    own_log = log is None
     log = log or tempfile.mktemp(prefix="dyncheck-moto-", suffix=".log")
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     with open(log, "w") as out:
@@ -128,6 +131,8 @@ def s3_server(log: str | None = None) -> Iterator[tuple[int, str]]:
         server.wait(30)
         os.environ.clear()
         os.environ.update(saved)
+        if own_log:
+            os.remove(log)
 
 
 def s3fs(port: int, create: bool = False) -> Any:
@@ -169,3 +174,18 @@ def ray_run(train_fn: Callable[[dict[str, Any]], None], config: dict[str, Any], 
 def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
+
+
+def section_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line every section shares: ``--mode`` and ``--json`` (a section adds its own)."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    p.add_argument("--mode", choices=MODES, default="quick")
+    p.add_argument("--json", default=None, metavar="PATH")
+    return p
+
+
+def report(result: dict[str, Any], table: Callable[[dict[str, Any]], list[str]], path: str | None) -> None:
+    """A section run alone: print its table; write its result to ``path`` when given."""
+    print("\n".join(table(result)))
+    if path:
+        write_json(path, result)

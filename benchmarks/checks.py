@@ -31,7 +31,6 @@ included: their cost is not in these ratios; ``benchmarks.poller_cost`` measures
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -44,7 +43,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from benchmarks._common import free_port, machine, median, paired_ratio, pct, write_json
+from benchmarks._common import free_port, machine, median, paired_ratio, pct, report, section_parser
 
 OURS = {"auto": "auto", "auto, no floor": "auto", "every 1": 1, "every 10": 10, "every 100": 100}
 PEERS = {"axolotl 10": 10, "axolotl 100": 100, "lightning": 1}
@@ -285,18 +284,14 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=list(PLANS), default="quick")
+    p = section_parser(__doc__)
     p.add_argument("--world", type=int, nargs="*", default=None, help="extra world sizes (scaling rows)")
     p.add_argument("--step-ms", type=float, nargs="+", default=None, help="sleep per step, on top of compute")
-    p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
     result = run(args.mode, tuple(args.world) if args.world is not None else None,
                  tuple(args.step_ms) if args.step_ms else None)
     result["machine"] = machine()
-    print("\n".join(table(result)))
-    if args.json:
-        write_json(args.json, result)
+    report(result, table, args.json)
     return 0
 
 

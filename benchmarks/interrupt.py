@@ -32,7 +32,6 @@ with min and max; ``exit_ratio`` is median(ours exit) / median(plain exit). A tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -45,7 +44,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from benchmarks._common import MODES, machine, median, write_json
+from benchmarks._common import MODES, machine, median, report, section_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "interrupt_driver.py")
@@ -276,14 +275,9 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--mode", choices=MODES, default="quick")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p = section_parser(__doc__)
     args = p.parse_args(argv)
-    result = run(args.mode)
-    print("\n".join(table(result)))
-    if args.json:
-        write_json(args.json, result)
+    report(run(args.mode), table, args.json)
     return 0
 
 

@@ -21,7 +21,6 @@ and how long that save blocked training. Medians with 90 % bootstrap intervals o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import posixpath
 import random
@@ -36,7 +35,7 @@ import pyarrow.fs as pafs
 import torch
 
 import ray_dyncheck as rdc
-from benchmarks._common import MODES, bootstrap_ci, machine, median, s3_server, s3fs, write_json
+from benchmarks._common import MODES, bootstrap_ci, machine, median, report, s3_server, s3fs, section_parser
 from ray_dyncheck._metrics import Metrics
 
 STEP_S = 0.020
@@ -220,17 +219,13 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--mode", choices=MODES, default="quick")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p = section_parser(__doc__)
     args = p.parse_args(argv)
     result = run(args.mode)
-    print("\n".join(table(result)))
+    report(result, table, args.json)
     for key, r in result["backends"].items():
         if r["errors"] or not r["all_ok"]:
             print(f"{key}: errors {r['errors']}, all receipts ok: {r['all_ok']}", file=sys.stderr)
-    if args.json:
-        write_json(args.json, result)
     return 0
 
 

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks._common import MODES, bootstrap_ci, machine, median, write_json
+from benchmarks._common import MODES, bootstrap_ci, machine, median, report, section_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("none", "hook", "save_async", "save_sync")
@@ -212,9 +212,7 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--mode", choices=MODES, default="quick")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p = section_parser(__doc__)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--size-mb", type=float, default=100.0, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=30, help=argparse.SUPPRESS)
@@ -222,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("result " + json.dumps(_child(args.child, args.size_mb, args.steps)), flush=True)
         return 0
-    result = run(args.mode)
-    print("\n".join(table(result)))
-    if args.json:
-        write_json(args.json, result)
+    report(run(args.mode), table, args.json)
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 import ray_dyncheck as rdc
-from benchmarks._common import MODES, bootstrap_ci, count_requests, machine, s3_server, s3fs, write_json
+from benchmarks._common import MODES, bootstrap_ci, count_requests, machine, report, s3_server, s3fs, section_parser
 from ray_dyncheck._channel import RequestChannel
 from ray_dyncheck._poller import RequestPoller
 
@@ -312,9 +312,7 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--mode", choices=MODES, default="quick")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p = section_parser(__doc__)
     p.add_argument("--child", choices=("none", "local", "s3"), help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -323,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args.child, args.run_dir, args.port, args.log)
         return 0
-    result = run(args.mode)
-    print("\n".join(table(result)))
-    if args.json:
-        write_json(args.json, result)
+    report(run(args.mode), table, args.json)
     return 0
 
 

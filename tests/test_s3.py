@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -17,40 +16,20 @@ import pytest
 
 from ray_workloads import train_fn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import S3_ENV, s3_server  # noqa: E402  (the S3 server on loopback, shared)
+
 pytestmark = pytest.mark.ray
 
 CLI = os.path.join(os.path.dirname(sys.executable), "ray-dyncheck")
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+AWS_ENV = S3_ENV
 
 
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on 127.0.0.1 (a free port), with one bucket; stopped by pid afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = dict(os.environ)
-    os.environ.update(AWS_ENV)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "moto server did not start"
-                time.sleep(0.2)
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir("bucket")
+    with s3_server() as (port, _):
         yield f"s3://bucket/ray_results?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", port
-    finally:
-        server.terminate()
-        server.wait(30)
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def readme_aws_commands() -> list[str]:
