@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,18 +121,35 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
 
 class ErrorLog:
     """Logs each distinct storage error at most once a minute: a hung NFS or an S3 outage must not
-    flood the logs, and training goes on."""
+    flood the logs, and training goes on. A repeat says how often it happened since it was last
+    logged, so "failing once a minute" and "failing at every poll" read differently."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, every_s: float = 60.0) -> None:
         self._clock, self._every_s = clock, every_s
         self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+        # Used from the poller thread and, for a failed upload, from the upload thread.
+        self._lock = threading.Lock()
 
     def log(self, what: str, where: str, exc: BaseException) -> None:
         msg = f"{type(exc).__name__}: {exc}"
         now = self._clock()
-        if now - self._last.get(msg, -1e18) >= self._every_s:
+        with self._lock:
+            self._count[msg] = self._count.get(msg, 0) + 1
+            last = self._last.get(msg)
+            if last is not None and now - last < self._every_s:
+                return
             self._last[msg] = now
+            count, self._count[msg] = self._count[msg], 0
+        if last is None:
             logger.error("dyncheck: cannot %s in %s: %s (retrying; training goes on)", what, where, msg)
+        else:
+            logger.error("dyncheck: cannot %s in %s: %s (still failing: %d times in the last %s; retrying; "
+                         "training goes on)", what, where, msg, count, _span(now - last))
+
+
+def _span(seconds: float) -> str:
+    return "minute" if round(seconds) <= 60 else f"{seconds:.0f} s"
 
 
 def guard(errors: ErrorLog, what: str, where: str, fn: Callable[..., T], *args: Any) -> tuple[T | None, bool]:

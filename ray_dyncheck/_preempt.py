@@ -12,6 +12,7 @@ weights-only. Training goes on; the restarted group resumes from it. Nothing her
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,12 @@ class Notice:
 
 
 class PreemptionPlan:
-    """Rank 0: which notices are new, and which kind of save fits before their deadline."""
+    """Rank 0: which notices are new, and which kind of save fits before their deadline.
+
+    Threads: the training thread calls :meth:`pending`, :meth:`choose`, :meth:`left_s` and
+    :meth:`served`; the commit/upload thread calls :meth:`failed` and :meth:`observe_commit`. All
+    state is guarded by ``_lock``.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -50,15 +56,21 @@ class PreemptionPlan:
         self._served_by: int | None = None
         """The step of the save that answers the served notice."""
         self._seen_at: dict[Notice, float] = {}
+        self._lock = threading.Lock()
+        """Guards ``commit_s``, ``_served``, ``_served_by`` and ``_seen_at`` (two threads, above)."""
 
     def observe_commit(self, kind: str, seconds: float) -> None:
-        self.commit_s[kind] = seconds
+        with self._lock:
+            self.commit_s[kind] = seconds
 
     def pending(self, notice: Notice | None) -> Notice | None:
         """``notice`` when a save should start for it now (new, and saving on preemption is on)."""
-        if notice is None or self.mode == "none" or notice == self._served:
+        if notice is None or self.mode == "none":
             return None
-        self._seen_at.setdefault(notice, time.time())
+        with self._lock:
+            if notice == self._served:
+                return None
+            self._seen_at.setdefault(notice, time.time())
         return notice
 
     def left_s(self, notice: Notice, now: float | None = None) -> float:
@@ -66,7 +78,8 @@ class PreemptionPlan:
         now = time.time() if now is None else now
         deadline = notice.deadline
         if deadline is None:
-            deadline = self._seen_at.get(notice, now) + DEFAULT_DEADLINE_S
+            with self._lock:
+                deadline = self._seen_at.get(notice, now) + DEFAULT_DEADLINE_S
         return deadline - now
 
     def choose(self, notice: Notice, now: float | None = None) -> tuple[str, str]:
@@ -74,11 +87,12 @@ class PreemptionPlan:
         if self.mode in ("full", "weights"):
             return self.mode, f"on_preemption: {self.mode}"
         left = self.left_s(notice, now)
-        full_s = self.commit_s.get("full")
+        with self._lock:
+            full_s, weights_s = self.commit_s.get("full"), self.commit_s.get("weights")
         basis = "the last full save committed in"
-        if full_s is None and "weights" in self.commit_s:
+        if full_s is None and weights_s is not None:
             # Model + two optimizer moments (Adam): about three times the weights.
-            full_s, basis = 3 * self.commit_s["weights"], "estimated from the last weights save:"
+            full_s, basis = 3 * weights_s, "estimated from the last weights save:"
         if full_s is None:
             kind = "full" if left >= UNMEASURED_FULL_S else "weights"
             return kind, f"no save measured yet; {left:.0f} s left"
@@ -87,10 +101,12 @@ class PreemptionPlan:
 
     def served(self, notice: Notice, by_step: int) -> None:
         """The save of step ``by_step`` answers ``notice`` (one starting now, or one in flight)."""
-        self._served, self._served_by = notice, by_step
+        with self._lock:
+            self._served, self._served_by = notice, by_step
 
     def failed(self, step: int) -> None:
         """The save of ``step`` committed nothing: if it was to answer the newest notice, the next check
         tries again."""
-        if self._served is not None and self._served_by == step:
-            self._served = self._served_by = None
+        with self._lock:
+            if self._served is not None and self._served_by == step:
+                self._served = self._served_by = None

@@ -204,3 +204,42 @@ def test_auto_interval_budget_leaves_room_for_the_per_step_cost():
     assert settled(0.00005) == [10, 20, 20]
     # Steps whose own cost alone exceeds the budget: checks cannot fix that; no runaway.
     assert settled(0.0002) == [10, 10, 10]
+
+
+def test_preemption_plan_is_safe_across_the_training_and_upload_threads():
+    """``served`` runs on the training thread, ``failed`` on the upload/commit thread. A failure of an
+    older save must never clear a newer notice that was just served (that would save for it twice).
+
+    On CPython 3.11 the bodies of both methods hold no thread switch point, so this also passed before
+    the plan had its lock; the lock makes it hold by construction (free-threaded Python, or a log line
+    added between the two stores), and this test pins it."""
+    import sys
+    import threading
+
+    from ray_dyncheck._preempt import Notice, PreemptionPlan
+
+    plan = PreemptionPlan("auto")
+    rounds, stop, cleared = 20000, threading.Event(), []
+    current = [0]
+
+    def fail_older_saves() -> None:
+        while not stop.is_set():
+            plan.failed(current[0] - 1)  # the save before the one that answers the newest notice
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    other = threading.Thread(target=fail_older_saves)
+    other.start()
+    try:
+        for k in range(1, rounds):
+            notice = Notice(deadline=float(k))
+            current[0] = k
+            plan.served(notice, by_step=k)
+            if plan.pending(notice) is not None:
+                cleared.append(k)
+                plan.served(notice, by_step=k)
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(old)
+    assert cleared == [], f"a newer notice was cleared by an older save's failure {len(cleared)} times"

@@ -362,3 +362,21 @@ def test_leftovers_after_the_run(tmp_path, run):
     set_plan(plan, [])
     assert answer_leftovers(fault_fs(plan), str(run), "the run ended") == []
     assert os.listdir(run / ".dyncheck" / "claimed") == [] and receipts(run)["answered"]["step"] == 9
+
+
+def test_a_repeated_storage_error_is_logged_with_how_often(caplog):
+    """Once a minute, an identical failure says how many times it happened since it was last logged."""
+    from ray_dyncheck._files import ErrorLog
+
+    now = [0.0]
+    log = ErrorLog(clock=lambda: now[0], every_s=60.0)
+    exc = OSError("connection refused")
+    with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+        for t in range(0, 125, 5):  # every 5 s for two minutes
+            now[0] = float(t)
+            log.log("read the trigger", "s3://b/run", exc)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "still failing" not in lines[0]
+    assert "still failing: 12 times in the last minute" in lines[1], lines[1]
+    assert "still failing: 12 times in the last minute" in lines[2], lines[2]
