@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
@@ -54,12 +54,52 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
+# Every filesystem we make for remote storage gives up in bounded time: Arrow's own defaults retry a
+# connection error for many seconds (``from_uri``'s connect-retry strategy) and wait out a frozen
+# server per attempt. A timeout does not cancel a request already sent (a timed-out DELETE can still
+# land), so correctness never rests on these numbers: we never delete what we did not claim.
+RETRY_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 3.0
+REQUEST_TIMEOUT_S = 5.0
+"""Per request: an S3 request stalled this long fails (and is retried, ``RETRY_ATTEMPTS`` in all)."""
+
+
+def bounded(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """``fs`` with a bounded retry strategy and connect/request timeouts: an S3 filesystem is rebuilt
+    from its own options (credentials, endpoint, region kept; timeouts the user set kept), a GCS one
+    gets a retry time limit; any other filesystem is returned as it is."""
+    if isinstance(fs, pafs.S3FileSystem):
+        _, (options,) = fs.__reduce__()
+        options = dict(options)
+        if not options.get("connect_timeout") or options["connect_timeout"] <= 0:
+            options["connect_timeout"] = CONNECT_TIMEOUT_S
+        if not options.get("request_timeout") or options["request_timeout"] <= 0:
+            options["request_timeout"] = REQUEST_TIMEOUT_S
+        return pafs.S3FileSystem(**options,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
+    if isinstance(fs, pafs.GcsFileSystem):
+        _, (options,) = fs.__reduce__()
+        options = dict(options)
+        limit = options.get("retry_time_limit")
+        if limit is None or limit.total_seconds() > RETRY_ATTEMPTS * REQUEST_TIMEOUT_S:
+            options["retry_time_limit"] = timedelta(seconds=RETRY_ATTEMPTS * REQUEST_TIMEOUT_S)
+        return pafs.GcsFileSystem(**options)
+    return fs
+
+
+def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pafs.FileSystem.from_uri`` with :func:`bounded` retries. It may do network I/O (an S3 URI
+    without ``region`` looks the bucket's region up): never call it on the training thread."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return bounded(fs), path
+
+
 def resolve_run_dir(run: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a run directory given as a local path or a URI."""
+    """``(filesystem, path)`` for a run directory given as a local path or a URI (bounded retries)."""
     if filesystem is not None:
         return filesystem, run
     if "://" in run:
-        fs, path = pafs.FileSystem.from_uri(run)
+        fs, path = filesystem_from_uri(run)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), posixpath.normpath(run)
 
