@@ -2,10 +2,13 @@
 receipts (layout in :mod:`ray_dyncheck._files`). Used on rank 0, by its poller thread (and, to answer
 a failed upload at once, by the upload thread; one lock).
 
-A request is claimed (moved into ``claimed/``) before it is acted on, so a new ``touch`` during a save
-is a new request; it is retired (receipt written, claim deleted) only once it has its final answer.
-Claims survive storage errors and worker restarts: whatever sits in ``claimed/`` and is not in hand
-is picked up again. A request older than the run's start marker is stale: discarded with a warning.
+A request is claimed (moved into ``claimed/``, or for a trigger that cannot be moved atomically, its
+version recorded there: :mod:`ray_dyncheck._trigger`) before it is acted on, so a new ``touch`` during
+a save is a new request; it is retired (receipt written, claim deleted) only once it has its final
+answer. Claims survive storage errors and worker restarts: whatever sits in ``claimed/`` and is not in
+hand is picked up again. A request older than the run's start marker is stale: discarded with a
+warning. Nothing is deleted that was not claimed: only our own claim files and attempt marks, and a
+request file whose claim copy is already stored. A final receipt is never overwritten.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from ._files import (
     Request,
     delete_quietly,
     guard,
-    new_id,
     parse_body,
     read_capped,
     utc_now,
     write_json,
 )
+from ._trigger import Trigger
 
 __all__ = ["Request", "RequestChannel", "parse_body"]
 
@@ -61,26 +64,17 @@ class RequestChannel:
         self.fs = fs
         self.run_dir = run_dir.rstrip("/")
         self.max_attempts = max_attempts
-        if "://" in trigger_file_path:
-            self.trigger_fs, self.trigger = pafs.FileSystem.from_uri(trigger_file_path)
-            self._trigger_on_run_fs = False
-        elif posixpath.isabs(trigger_file_path):
-            # An absolute path is a path on this machine, unless the run lives here too.
-            local = fs.type_name == "local"
-            self.trigger_fs = fs if local else pafs.LocalFileSystem()
-            self.trigger = posixpath.normpath(trigger_file_path)
-            self._trigger_on_run_fs = local
-        else:
-            self.trigger_fs = fs
-            self.trigger = posixpath.normpath(f"{self.run_dir}/{trigger_file_path}")
-            self._trigger_on_run_fs = True
+        # No I/O here (the constructor runs on the training thread): a URI's filesystem is made at the
+        # first poll, on the poller thread.
+        self.trigger = Trigger(fs, self.run_dir, trigger_file_path)
         self._marker: float | None = None
         # Claims in hand (handed out, not yet retired). Anything else in claimed/ is picked up again
         # by a rescan: on the first poll (a worker restart) and after any pass that had an error.
         self._known: set[str] = set()
         self._rescan = True
-        # Versions of triggers that could not be moved away: acted on once, never again.
-        self._acted: dict[str, tuple[Any, ...]] = {}
+        # Request files whose claim copy is stored but which could not be removed (an object store's
+        # move is a copy and a delete): removed when seen again, never claimed a second time.
+        self._uncollected: set[str] = set()
         self._warned: set[str] = set()
         self._errors = ErrorLog()
         self._ok = True
@@ -119,9 +113,12 @@ class RequestChannel:
         found: list[Request] = []
         if self._rescan:
             found += self._guard("read claimed requests", self._recover_claimed) or []
-        trig = self._guard("read the trigger", self._poll_trigger)
-        if trig is not None:
-            found.append(trig)
+            self._known.update(r.path for r in found if r.path is not None)
+        if self._ok:  # after a failed rescan the versions of claimed triggers are not all known yet
+            trig = self._guard("read the trigger", self.trigger.poll)
+            if trig is not None:
+                found.append(trig)
+                self._known.add(trig.path)
         found += self._guard("read requests", self._poll_folder) or []
         self._rescan = not self._ok
         self._known.update(r.path for r in found if r.path is not None)
@@ -168,14 +165,23 @@ class RequestChannel:
         return out
 
     def _recover_one(self, info: pafs.FileInfo, stem: str, ext: str, attempts: int) -> Request | None:
-        if self._is_stale(info):
-            self._discard(info.path, stem if ext == "json" else None, "claimed before this run started")
-            return None
+        # A final receipt first: an answered claim is only removed, whatever else holds for it.
         receipt = self._receipt(stem)
         if receipt is not None and receipt.get("status") in FINAL_STATUSES:
             logger.info("dyncheck: claim %s already has its final receipt (%s); retiring it", stem,
                         receipt["status"])
             delete_quietly(self.fs, info.path)
+            return None
+        if ext == "trigger":
+            # A trigger claimed by its version: that version counts as served (never fires again).
+            try:
+                self.trigger.note_claimed(json.loads(read_capped(self.fs, info.path).decode("utf-8") or "null"))
+            except FileNotFoundError:
+                return None
+            except ValueError:  # a moved trigger holds whatever the user wrote into it
+                pass
+        if self._is_stale(info):
+            self._discard(info.path, stem if ext == "json" else None, "claimed before this run started")
             return None
         if ext == "trigger":
             req: Request | None = Request(id=stem, source="trigger", path=info.path, attempts=attempts)
@@ -205,42 +211,6 @@ class RequestChannel:
             return None
         return data if isinstance(data, dict) else None
 
-    def _poll_trigger(self) -> Request | None:
-        fs, path = self.trigger_fs, self.trigger
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            self._acted.pop(path, None)
-            return None
-        identity = (info.type, info.mtime, info.size)
-        if self._acted.get(path) == identity:
-            return None
-        if self._is_stale(info, self._trigger_on_run_fs):
-            logger.warning("dyncheck: ignoring trigger %s: it was written before this run started "
-                           "(touch it again to save)", path)
-            self._retire_or_remember(fs, path, identity)
-            return None
-        rid = new_id("trigger")
-        if info.type == pafs.FileType.File and self._trigger_on_run_fs:
-            dest = self.path(CLAIMED, f"{rid}.trigger")
-            try:
-                fs.create_dir(self.path(CLAIMED), recursive=True)
-                fs.move(path, dest)
-                return Request(id=rid, source="trigger", path=dest)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                reason = f"it cannot be moved ({exc})"
-        elif info.type == pafs.FileType.File:
-            # On another filesystem it cannot be moved into claimed/: claim this version by identity.
-            self._acted[path] = identity
-            return Request(id=rid, source="trigger", path=None, identity=identity)
-        else:
-            reason = "it is a directory, not a file"
-        self._acted[path] = identity
-        logger.error("dyncheck: trigger %s is acted on once but %s; it will not fire again until it "
-                     "changes. Remove it so the next touch creates a fresh trigger.", path, reason)
-        return Request(id=rid, source="trigger", path=None, identity=identity)
-
     def _poll_folder(self) -> list[Request]:
         out = []
         for info in self._list(REQUESTS):
@@ -262,17 +232,29 @@ class RequestChannel:
             self._discard(info.path, stem, "written before this run started")
             return None
         dest = self.path(CLAIMED, name)
+        if info.path in self._uncollected:
+            self._uncollected.discard(info.path)
+            delete_quietly(self.fs, info.path)
+            return None
         if dest in self._known or self._receipt(stem) is not None:
             # One id, one request, one receipt: serving it would overwrite that receipt (or the claim
             # in hand). Left where it is, said once; the end of the run removes it.
             self._warn_once(info.path, "dyncheck: ignoring request %s: its id was used before (it has a "
                             "receipt or is being served); write each request with a new id", info.path)
             return None
+        self.fs.create_dir(self.path(CLAIMED), recursive=True)
         try:
-            self.fs.create_dir(self.path(CLAIMED), recursive=True)
             self.fs.move(info.path, dest)
         except FileNotFoundError:
             return None
+        except OSError:
+            # On an object store a move is a copy, then a delete of the source. If the copy is
+            # stored, the request is claimed; the request file left behind is removed when seen
+            # again, never claimed a second time (that would save twice and rewrite the receipt).
+            if self.fs.get_file_info(dest).type != pafs.FileType.File:
+                raise
+            self._uncollected.add(info.path)
+            logger.warning("dyncheck: request %s claimed, but its request file could not be removed yet", stem)
         # Claimed from here on: if reading it fails, the rescan of the next poll picks it up.
         self._known.discard(dest)
         return self._read_request(dest, stem)
@@ -294,13 +276,6 @@ class RequestChannel:
             self.write_receipt({"id": rid, "status": "discarded", "error": why})
         delete_quietly(self.fs, path)
 
-    def _retire_or_remember(self, fs: pafs.FileSystem, path: str, identity: tuple[Any, ...]) -> None:
-        try:
-            fs.delete_file(path)
-        except OSError as exc:
-            self._acted[path] = identity
-            logger.error("dyncheck: cannot remove %s (%s); it will be ignored until it changes", path, exc)
-
     # -- answering ------------------------------------------------------------------------------
 
     def mark_attempt(self, requests: Sequence[Request]) -> None:
@@ -315,7 +290,9 @@ class RequestChannel:
                     pass
 
     def retire(self, requests: Sequence[Request], receipt: dict[str, Any], written: set[str] | None = None) -> None:
-        """Write one final receipt per request, then delete its claim (and attempt marks).
+        """Write one final receipt per request, then delete its claim (and attempt marks). The
+        trigger itself is never deleted here: a moved trigger's claim is the file; a trigger claimed
+        by its version stays where it is.
 
         ``written`` holds the ids whose receipt is already written (a retry after a failed delete):
         a receipt is written once, never rewritten. Raises if a claim could not be deleted, after
@@ -343,17 +320,22 @@ class RequestChannel:
                         failed.append(f"{path}: {exc}")
                 if not failed:
                     self._known.discard(req.path)
-            elif req.source == "trigger" and req.identity:
-                # Not moved at claim time: remove it only if it is still the version we acted on.
-                info = self.trigger_fs.get_file_info(self.trigger)
-                if info.type == pafs.FileType.File and (info.type, info.mtime, info.size) == req.identity:
-                    self._retire_or_remember(self.trigger_fs, self.trigger, req.identity)
         if failed:
             raise OSError(f"cannot delete answered claim(s): {'; '.join(failed)}")
 
-    def write_receipt(self, receipt: dict[str, Any]) -> None:
+    def write_receipt(self, receipt: dict[str, Any]) -> bool:
+        """Write a request's final receipt, unless it already has one: a final receipt is never
+        overwritten, whichever path answers again. Returns whether it was written; a storage error
+        raises (an unreadable receipt is never taken for a missing one)."""
+        rid = receipt["id"]
+        old = self._receipt(rid)
+        if old is not None and old.get("status") in FINAL_STATUSES:
+            logger.warning("dyncheck: request %s already has its final receipt (%s); not writing %s", rid,
+                           old["status"], receipt.get("status"))
+            return False
         receipt.setdefault("time", utc_now())
-        write_json(self.fs, self.path(RECEIPTS, f"{receipt['id']}.json"), receipt)
+        write_json(self.fs, self.path(RECEIPTS, f"{rid}.json"), receipt)
+        return True
 
     def _list(self, sub: str) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.path(sub), allow_not_found=True)
@@ -371,7 +353,7 @@ def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
     marks) and never finished, i.e. the workers died during it. Returns the ids answered. Any process.
     """
     answered = []
-    for sub in (REQUESTS, CLAIMED):
+    for sub in (CLAIMED, REQUESTS):  # a claim knows its attempts: answered first
         infos = fs.get_file_info(pafs.FileSelector(posixpath.join(run_dir, sub), allow_not_found=True))
         attempts: dict[str, int] = {}
         for info in infos:

@@ -202,7 +202,7 @@ class WorkerCore:
             threading.Thread(target=_warn_node_local, args=(node_local, trigger), name="dyncheck-trigger-check",
                              daemon=True).start()
         logger.info("dyncheck: watching %s and %s/.dyncheck/requests/ (check_interval=%s)",
-                    self.channel.trigger, run_dir, self.config.check_interval)
+                    self.channel.trigger.path, run_dir, self.config.check_interval)
 
     @property
     def in_flight(self) -> bool:

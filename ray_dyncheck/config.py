@@ -17,6 +17,7 @@ import math
 import os
 import posixpath
 import signal
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -27,6 +28,8 @@ __all__ = ["DynamicCheckpointConfig", "load_config"]
 
 BLOCK = "dynamic_checkpoint"
 DEFAULT_TRIGGER = "dyncheck.save"
+TRIGGER_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+"""URI schemes pyarrow makes filesystems for."""
 
 CheckInterval = Union[int, Literal["auto"]]
 
@@ -147,7 +150,10 @@ class DynamicCheckpointConfig:
         path = self.trigger_file_path
         if not isinstance(path, str) or not path.strip():
             raise _error("trigger_file_path", path, "set it to a file name such as 'dyncheck.save'")
-        if "://" in path or os.path.isabs(path):
+        if "://" in path:
+            self._validate_trigger_uri(path)
+            return
+        if os.path.isabs(path):
             return
         norm = posixpath.normpath(path.replace(os.sep, "/"))
         if norm == ".." or norm.startswith("../"):
@@ -159,6 +165,20 @@ class DynamicCheckpointConfig:
             )
         if norm == ".":
             raise _error("trigger_file_path", path, "set it to a file name such as 'dyncheck.save'")
+
+    def _validate_trigger_uri(self, uri: str) -> None:
+        """Parsed here, on every rank alike, with no I/O: a bad URI fails every rank at once instead of
+        rank 0 alone (the others would wait for it in a collective)."""
+        parts = urllib.parse.urlsplit(uri)
+        scheme = parts.scheme.lower()
+        if scheme not in TRIGGER_SCHEMES:
+            raise _error("trigger_file_path", uri, f"use one of the schemes {', '.join(TRIGGER_SCHEMES)} "
+                         "(pyarrow filesystems), a local path, or a name inside the run directory")
+        if scheme != "file" and not parts.netloc:
+            raise _error("trigger_file_path", uri, f"name the bucket: {scheme}://<bucket>/<path>/dyncheck.save")
+        if not parts.path.strip("/") or parts.path.endswith("/"):
+            raise _error("trigger_file_path", uri, f"name a file, e.g. {scheme}://{parts.netloc or '<bucket>'}"
+                         f"{parts.path.rstrip('/')}/dyncheck.save")
 
     @property
     def auto_interval(self) -> bool:

@@ -199,19 +199,27 @@ def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
 def test_trigger_on_another_filesystem_is_claimed_by_identity(tmp_path, run):
     # The run on a filesystem that is not this machine's local one (as S3 would be); the trigger an
     # absolute local path: it cannot be moved into claimed/, so this version is claimed by identity.
+    # It is never deleted (no delete can be made conditional on the version there); the served version
+    # is stored under the run, so neither a restart nor a new poll serves it again.
     run_fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     outside = tmp_path / "local" / "go.save"
     outside.parent.mkdir()
     ch = RequestChannel(run_fs, "run", str(outside))
     outside.touch()
     [req] = ch.poll()
-    assert req.path is None and outside.exists()
+    assert req.path is not None and outside.exists(), "a claim file of ours; the trigger stays"
     assert ch.poll() == [] and ch.poll() == [], "the same version is not a new request"
     ch.retire([req], {"status": "ok"})
-    assert not outside.exists()
+    assert outside.exists(), "never deleted"
     assert receipts(run)[req.id]["status"] == "ok"
-    outside.touch()
-    assert len(ch.poll()) == 1
+    assert ch.poll() == []
+    assert RequestChannel(run_fs, "run", str(outside)).poll() == [], "a restart does not serve it again"
+    later = time.time() + 5
+    os.utime(outside, (later, later))  # written again
+    [again] = ch.poll()
+    assert again.id != req.id
+    assert RequestChannel(run_fs, "run", str(outside)).poll() == [req for req in [again]], \
+        "a restart before it was answered: the same claim, pending again, not a new one"
 
 
 def test_a_claim_whose_read_fails_is_picked_up_at_the_next_poll(tmp_path, run):
@@ -380,3 +388,80 @@ def test_a_repeated_storage_error_is_logged_with_how_often(caplog):
     assert "still failing" not in lines[0]
     assert "still failing: 12 times in the last minute" in lines[1], lines[1]
     assert "still failing: 12 times in the last minute" in lines[2], lines[2]
+
+
+def _claim_answered_ok(run, body: str = "{}"):
+    """A request claimed, saved and answered ``ok``, whose claim could not be removed (storage error at
+    the end of a run): it sits in claimed/ next to its final receipt."""
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "r1.json").write_text(body)
+    [req] = channel(run).poll()
+    channel(run).write_receipt({"id": "r1", "status": "ok", "step": 4, "checkpoint": "/ckpt"})
+    return req
+
+
+def test_a_final_receipt_survives_a_new_run(run):
+    """The next fit() rewrites the start marker, so the leftover claim is stale: it is removed, but its
+    ``ok`` receipt stays ``ok`` (not rewritten ``discarded``)."""
+    req = _claim_answered_ok(run)
+    future = time.time() + 100
+    os.utime(run / RUN_MARKER, (future, future))
+    assert channel(run).poll() == []
+    assert (receipts(run)["r1"]["status"], receipts(run)["r1"]["step"]) == ("ok", 4)
+    assert not os.path.exists(req.path)
+
+
+def test_a_final_receipt_survives_a_rejected_body(run):
+    req = _claim_answered_ok(run)
+    with open(req.path, "w") as f:
+        f.write("not json")
+    assert channel(run).poll() == []
+    assert receipts(run)["r1"]["status"] == "ok"
+
+
+def test_a_final_receipt_survives_the_unserved_answer_at_the_end(run):
+    """A request in hand whose save was answered meanwhile (``ok``) is not rewritten ``unserved``."""
+    folder = run / ".dyncheck" / "requests"
+    folder.mkdir(parents=True)
+    poller = RequestPoller(channel(run), interval_s=0.05).start()
+    (folder / "r1.json").write_text("{}")
+    deadline = time.time() + 10
+    while not poller.has_pending() and time.time() < deadline:
+        time.sleep(0.02)
+    channel(run).write_receipt({"id": "r1", "status": "ok", "step": 4})
+    poller.close(timeout=5, unserved=(9, "training ended"))
+    assert (receipts(run)["r1"]["status"], receipts(run)["r1"]["step"]) == ("ok", 4)
+    assert list((run / ".dyncheck" / "claimed").iterdir()) == []
+
+
+def test_a_receipt_is_written_once_by_any_path(run, caplog):
+    """``write_receipt`` itself refuses to overwrite a final receipt, whoever calls it (a second
+    ``discarded``, an ``error`` after max attempts, a retried retirement)."""
+    _claim_answered_ok(run)
+    ch = channel(run)
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        for status in ("discarded", "error", "unserved", "rejected", "ok"):
+            assert ch.write_receipt({"id": "r1", "status": status, "step": 99}) is False
+    assert (receipts(run)["r1"]["status"], receipts(run)["r1"]["step"]) == ("ok", 4)
+    assert any("already has its final receipt" in r.getMessage() for r in caplog.records)
+    assert ch.write_receipt({"id": "r2", "status": "unserved"}) is True
+
+
+def test_a_trigger_on_another_store_written_before_the_run_started_does_not_fire(tmp_path, run, caplog):
+    """Staleness on the trigger's own store: the run's start marker moved onto that store's clock."""
+    run_fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    outside = tmp_path / "local" / "go.save"
+    outside.parent.mkdir()
+    outside.touch()
+    old = time.time() - 300  # before the run started (its marker: 100 s ago)
+    os.utime(outside, (old, old))
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        assert RequestChannel(run_fs, "run", str(outside)).poll() == []
+        assert RequestChannel(run_fs, "run", str(outside)).poll() == []
+    assert caplog.text.count("written before this run started") == 2  # once per channel
+    assert outside.exists()
+    now = time.time()
+    os.utime(outside, (now, now))  # touched during the run
+    assert len(RequestChannel(run_fs, "run", str(outside)).poll()) == 1
+    assert not list(outside.parent.glob(".dyncheck-clock-*")), "the clock probes are removed"
