@@ -22,6 +22,7 @@ import torch
 
 from ._files import resolve_run_dir
 from ._sharded import read_consolidated
+from .errors import CheckpointRestoreError
 from .state import MODEL_FILE, read_stored_manifest
 
 __all__ = ["export_checkpoint"]
@@ -52,14 +53,18 @@ def export_checkpoint(checkpoint: str, out: str) -> list[str]:
     """Write ``checkpoint``'s full weights into the local folder ``out``; returns the files written.
 
     Raises:
-        ValueError: ``checkpoint`` is not a complete ray_dyncheck checkpoint, or ``out`` holds files.
+        ValueError: ``checkpoint`` is not a complete ray_dyncheck checkpoint, holds something that
+            would run code when loaded (nothing of it is run), or ``out`` holds files.
     """
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"--out {out} is not empty: pass a new or empty folder")
     with _local(checkpoint) as (directory, manifest):
         files = manifest["files"]
         if manifest.get("layout") == "sharded":
-            weights = read_consolidated(directory)["model"]
+            try:
+                weights = read_consolidated(directory)["model"]
+            except CheckpointRestoreError as exc:  # a downloaded copy's file named by its place in storage
+                raise ValueError(f"cannot export {checkpoint}: {str(exc).replace(directory, checkpoint)}") from None
         else:
             weights = {}
             for name in sorted(files):

@@ -13,7 +13,9 @@ or, for a sharded model (``format_version`` 2, ``layout: sharded``), ``dcp/`` wi
 
 A save is two parts: :func:`capture_state` copies the state into host memory (the part that blocks
 training), :func:`write_files` writes that copy (in the background). Everything but the weights loads
-with ``torch.load(weights_only=True)``. Nothing here imports Ray.
+with ``torch.load(weights_only=True)``, a sharded checkpoint's DCP metadata through an allow-list of
+DCP's own classes, and a manifest's file names must stay inside its checkpoint: a file in storage
+never runs code. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import safetensors.torch
 import torch
 
 from ._files import read_capped
-from ._sharded import is_sharded, live_state, load_full_weights, load_sharded, write_sharded
+from ._sharded import is_sharded, live_state, load_full_weights, load_sharded, stays_inside, write_sharded
 from ._snapshot import HostCopier
 
 __all__ = ["Captured", "CheckpointInfo", "Stateful", "capture_rank_state", "capture_state", "load_checkpoint",
@@ -309,11 +311,21 @@ def _check_version(manifest: Mapping[str, Any], where: str) -> None:
                          "load it")
 
 
+def _check_names(files: Mapping[str, Any], where: str) -> None:
+    """A manifest names files inside its checkpoint only: it comes from storage, and a ``../`` or an
+    absolute name would have a resume or an export read (and check) a file elsewhere."""
+    for name in files:
+        if not stays_inside(name):
+            raise ValueError(f"checkpoint {where} lists {name!r}, a file outside its directory: refused (a "
+                             f"{MANIFEST_FILE} names files by their paths inside the checkpoint)")
+
+
 def read_manifest(directory: str) -> dict[str, Any] | None:
     """The manifest if ``directory`` is a complete ray_dyncheck checkpoint, else ``None``.
 
     Raises:
-        ValueError: the manifest exists but files are missing or truncated (an incomplete write).
+        ValueError: the manifest exists but files are missing or truncated (an incomplete write), or
+            it names a file outside ``directory``.
     """
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isfile(path):
@@ -321,6 +333,7 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     _check_version(manifest, directory)
+    _check_names(manifest["files"], directory)
     for name, size in manifest["files"].items():
         file = os.path.join(directory, name)
         if not os.path.isfile(file) or os.path.getsize(file) != size:
@@ -333,7 +346,8 @@ def read_stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | Non
     nothing is downloaded. ``None`` when it has no manifest.
 
     Raises:
-        ValueError: the manifest is malformed, or a file it lists is missing or truncated.
+        ValueError: the manifest is malformed, a file it lists is missing or truncated, or outside
+            ``path``.
     """
     file = posixpath.join(path, MANIFEST_FILE)
     if fs.get_file_info(file).type == pafs.FileType.NotFound:
@@ -347,6 +361,7 @@ def read_stored_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | Non
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"checkpoint {path} has a malformed {MANIFEST_FILE}: {exc}") from None
     _check_version(manifest, path)
+    _check_names(files, path)
     names = list(files)
     for name, info in zip(names, fs.get_file_info([posixpath.join(path, n) for n in names])):
         if info.type != pafs.FileType.File or info.size != files[name]:
@@ -365,7 +380,15 @@ def load_checkpoint(
     group: Any = None,
 ) -> CheckpointInfo:
     """Load a checkpoint into live objects. Every rank calls it: a sharded checkpoint (or a sharded
-    model) loads collectively, on ``group`` (a gloo group; ``None`` without a process group)."""
+    model) loads collectively, on ``group`` (a gloo group; ``None`` without a process group).
+
+    Nothing read runs code: weights through safetensors or DCP's tensor reads, the rest with
+    ``torch.load(weights_only=True)``, DCP's metadata through an allow-list of its classes.
+
+    Raises:
+        ValueError: not a complete checkpoint of ours, or its manifest names a file outside it.
+        CheckpointRestoreError: a sharded checkpoint holds something that would run code when loaded.
+    """
     manifest = read_manifest(directory)
     if manifest is None:
         raise ValueError(f"{directory} is not a ray_dyncheck checkpoint (no {MANIFEST_FILE})")
