@@ -104,10 +104,21 @@ def write_sharded(directory: str, state: Mapping[str, Any], group: dist.ProcessG
     import torch.distributed.checkpoint as dcp
 
     path = os.path.join(directory, DCP_DIR)
-    os.makedirs(path, exist_ok=True)
-    use_dist = group is not None
-    dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(path, sync_files=True),
-             process_group=group, no_dist=not use_dist)
+    failed: Exception | None = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        writer = dcp.FileSystemWriter(path, sync_files=True)
+    except Exception as exc:
+        failed = exc
+    # Agreed before DCP's first collective: a rank that failed here would otherwise wait in its
+    # caller's error agreement while the others wait inside dcp.save, the group's collectives out of
+    # step until they time out, and the group broken for the saves after.
+    if _any_rank(group, failed is not None):
+        if failed is not None:
+            raise failed
+        raise RuntimeError("another rank could not prepare its part of the checkpoint (see its log); no rank "
+                           "wrote it")
+    dcp.save(dict(state), storage_writer=writer, process_group=group, no_dist=group is None)
     return sorted(f"{DCP_DIR}/{name}" for name in os.listdir(path))
 
 

@@ -244,15 +244,15 @@ def write_files(directory: str, captured: Captured, *, rank: int, rank_states: S
     Sharded: every rank, at the same point (a collective on ``group``). Plain: rank 0 only.
     ``rank_states`` (rank 0): every rank's :func:`capture_rank_state`. The manifest is not written here.
     """
-    os.makedirs(directory, exist_ok=True)
     files: list[str] = []
-    if captured.sharded:
+    if captured.sharded:  # makes the directory: a failure there is agreed on before DCP's collectives
         files += write_sharded(directory, captured.tensors, group)
         if rank == 0 and _is_hf_model(captured.module):  # for `export` to a from_pretrained folder
             with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
                 f.write(captured.module.config.to_json_string())  # type: ignore[union-attr,operator]
             files.append("config.json")
     else:
+        os.makedirs(directory, exist_ok=True)
         files += _save_weights(captured.module, captured.tensors["model"], directory, captured.step)
         if "optim" in captured.tensors:
             torch.save(captured.tensors["optim"], os.path.join(directory, OPTIMIZER_FILE))

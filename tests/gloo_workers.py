@@ -317,3 +317,48 @@ def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, c
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     dist.destroy_process_group()
+
+
+def fsdp_prepare_fault_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """FSDP2 over gloo: rank 1 fails to create its ``dcp/`` folder once (before DCP's first
+    collective), so the first save fails; the second must work and restore. Every rank records how
+    long each save took and what rank 0 saw; rank 0 also each save's error."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    _init(rank, world_size, port)
+    makedirs = os.makedirs
+    failures = [1] if rank == 1 else []
+
+    def failing_makedirs(name, *args, **kwargs):  # this process only: rank 1's disk "full" once
+        if failures and os.path.basename(os.fspath(name).rstrip("/")) == "dcp":
+            failures.pop()
+            raise OSError(28, "No space left on device (injected)", os.fspath(name))
+        return makedirs(name, *args, **kwargs)
+
+    os.makedirs = failing_makedirs
+    model = _fsdp_model(world_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    cfg = {"enabled": False, "collective_timeout_s": 20, "save_mode": "sync"}
+    record: dict = {"seconds": []}
+    with rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, backend=rdc.LocalBackend(run_dir)) as dc:
+        for step in (1, 2):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            dc.global_step = step
+            t0 = time.monotonic()
+            dc.save("full")
+            record["seconds"].append(time.monotonic() - t0)
+        record["saves"] = [{"step": s["step"], "error": s["error"]} for s in dc.saves]
+    record["weights"] = _full_weights(model)
+    fresh = _fsdp_model(world_size)
+    with rdc.DynamicCheckpoint(cfg, model=fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=0.01),
+                               backend=rdc.LocalBackend(run_dir)) as dc2:
+        info = dc2.restore(timeout_s=20)
+        record["restored"] = None if info is None else [info.step, info.kind, info.loaded_optimizer]
+    record["restored_weights"] = _full_weights(fresh)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()
