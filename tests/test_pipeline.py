@@ -1,0 +1,192 @@
+"""The save pipeline: who owns the kept host buffers while writes queue up, and a close that never
+hangs on a write. Real torch, real writer threads, the hook with LocalBackend (world size 1, and two
+gloo ranks with FSDP2 where the ranks must agree)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import safetensors.torch
+import torch
+from pipeline_workers import HeldWrites, agreed_error_worker, use_pipeline
+
+import ray_dyncheck as rdc
+from gloo_workers import run_ranks
+from ray_dyncheck.state import MODEL_FILE, read_manifest
+
+
+def _hook(tmp_path, write, device="cpu", keep_all=True, **cfg):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # collective_timeout_s: a save waits 0.1 s (half of it) for the one before it, then saves anyway.
+    config = {"enabled": False, "collective_timeout_s": 0.2, **cfg}
+    dc = rdc.DynamicCheckpoint(config, model=model, optimizer=opt, backend=rdc.LocalBackend(str(tmp_path / "run")))
+    use_pipeline(dc, write, keep_all=keep_all)
+    return dc, model, opt
+
+
+def _train(dc, model, opt):
+    device = next(model.parameters()).device
+    loss = model(torch.ones(3, 4, device=device)).pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    dc.step()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _stored(run_dir):
+    """``{step: weights}`` of every committed checkpoint in ``run_dir``."""
+    out = {}
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if name.startswith("checkpoint_") and os.path.exists(os.path.join(path, ".dyncheck-committed")):
+            out[read_manifest(path)["step"]] = safetensors.torch.load_file(os.path.join(path, MODEL_FILE))
+    return out
+
+
+def _four_saves_two_queued(tmp_path, device="cpu", keep_all=True):
+    """Saves at steps 1-4, each after a wait for the one before that times out: write 1 holds the kept
+    buffers while 2 queues behind it (fresh buffers); write 2 is still queued when 3 is copied (into the
+    kept buffers, free again), and write 3 is still queued when 4 is copied."""
+    writes = HeldWrites()
+    dc, model, opt = _hook(tmp_path, writes, device=device, keep_all=keep_all)
+    expected = {}
+    try:
+        expected[1] = _train(dc, model, opt)
+        dc.save("weights")
+        assert writes.started[1].wait(10)
+        expected[2] = _train(dc, model, opt)
+        dc.save("weights")  # write 1 still running: a second write queues
+        writes.go[1].set()
+        assert writes.started[2].wait(10)
+        expected[3] = _train(dc, model, opt)
+        dc.save("weights")  # write 2 still running, write 3 queued behind it
+        writes.go[2].set()
+        assert writes.started[3].wait(10)
+        expected[4] = _train(dc, model, opt)
+        dc.save("weights")  # write 3 has not read its copy yet
+    finally:
+        writes.release_all()
+        dc.close(timeout=30)
+    return dc, writes, expected
+
+
+def test_each_checkpoint_holds_its_own_steps_weights_while_writes_queue(tmp_path):
+    dc, writes, expected = _four_saves_two_queued(tmp_path)
+    assert [(s["step"], s["error"]) for s in dc.saves] == [(1, None), (2, None), (3, None), (4, None)]
+    stored = _stored(tmp_path / "run")
+    assert sorted(stored) == [1, 2, 3, 4]
+    for step, weights in expected.items():
+        for name, tensor in weights.items():
+            assert torch.equal(stored[step][name], tensor), f"the step-{step} checkpoint holds other weights ({name})"
+    # The kept buffers went to writes 1 and 3; 2 and 4 (queued while they were owned) had fresh ones.
+    assert writes.buffers[3] == writes.buffers[1]
+    assert not set(writes.buffers[2]) & set(writes.buffers[1])
+    assert not set(writes.buffers[4]) & set(writes.buffers[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host buffers are kept only for CUDA tensors: "
+                    "needs a CUDA GPU")
+def test_each_checkpoint_holds_its_own_steps_weights_while_writes_queue_on_cuda(tmp_path):
+    dc, writes, expected = _four_saves_two_queued(tmp_path, device="cuda", keep_all=False)
+    stored = _stored(tmp_path / "run")
+    assert sorted(stored) == [1, 2, 3, 4]
+    for step, weights in expected.items():
+        for name, tensor in weights.items():
+            assert torch.equal(stored[step][name], tensor), f"the step-{step} checkpoint holds other weights ({name})"
+    assert writes.buffers[3] == writes.buffers[1], "the pinned buffers are reused once their write is done"
+
+
+@pytest.mark.timeout(180)
+def test_an_agreed_error_after_a_copy_gives_the_kept_buffers_back(tmp_path):
+    """Two FSDP2 ranks: at step 2 rank 0 has copied its shard when rank 1 fails; nothing is written and
+    the step-3 save copies into the same kept buffers as step 1. An unclean close still closes the
+    writers' group."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(agreed_error_worker, 2, str(tmp_path / "run"), str(out))
+    ranks = [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+    saves = ranks[0]["saves"]
+    assert [s["step"] for s in saves] == [1, 2, 3]
+    assert saves[0]["error"] is None and saves[2]["error"] is None
+    assert saves[1]["error"] == "another rank could not capture its state (see its log)"
+    for rank in ranks:
+        assert sorted(rank["buffers"]) == ["1", "3"]
+        assert rank["buffers"]["3"] == rank["buffers"]["1"], "the save after the agreed error pinned fresh buffers"
+        assert rank["writers_group_closed"], "an unclean close left the writers' group open"
+    assert sorted(_stored_steps(tmp_path / "run")) == [1, 3]
+
+
+def _stored_steps(run_dir):
+    return [json.load(open(os.path.join(run_dir, n, "dyncheck.json")))["step"] for n in os.listdir(run_dir)
+            if n.startswith("checkpoint_") and os.path.exists(os.path.join(run_dir, n, ".dyncheck-committed"))]
+
+
+def test_close_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog):
+    writes = HeldWrites(limit_s=120)
+    dc, model, opt = _hook(tmp_path, writes, commit_timeout_s=1.0)
+    _train(dc, model, opt)
+    dc.save("weights")
+    assert writes.started[1].wait(10)
+    closed = threading.Event()
+    took: list[float] = []
+
+    def close():
+        t0 = time.monotonic()
+        dc.close(timeout=0.5)  # the core's own wait for the stores
+        took.append(time.monotonic() - t0)
+        closed.set()
+
+    closer = threading.Thread(target=close, name="test-close")
+    try:
+        with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+            closer.start()
+            returned = closed.wait(10)
+            assert returned, "close() still waits for a hung write after 10 s"
+    finally:
+        writes.release_all()  # the write ends: no thread is left behind
+        closer.join(30)
+    assert took[0] < 0.5 + 1.0 + 2.0
+    assert ("the write of the step-1 checkpoint is still running after" in caplog.text
+            and "raise commit_timeout_s" in caplog.text), caplog.text
+    dc._pipeline._thread.join(30)
+    assert not dc._pipeline._thread.is_alive()
+    assert _stored(tmp_path / "run") == {}, "a write given up at close is never stored"
+
+
+def test_the_process_exits_while_a_write_hangs(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import torch
+        import ray_dyncheck as rdc
+        from pipeline_workers import HeldWrites, use_pipeline
+
+        writes = HeldWrites(limit_s=3600)  # never let go
+        model = torch.nn.Linear(4, 2)
+        dc = rdc.DynamicCheckpoint({{"enabled": False, "commit_timeout_s": 0.5}}, model=model,
+                                   backend=rdc.LocalBackend({str(tmp_path / "run")!r}))
+        use_pipeline(dc, writes)
+        dc.step()
+        dc.save("weights")
+        assert writes.started[1].wait(10)
+        dc.close(timeout=0.5)
+        print("closed", flush=True)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit within 60 s of a hung write: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    assert "closed" in done.stdout
