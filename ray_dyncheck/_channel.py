@@ -34,6 +34,7 @@ from ._files import (
     ErrorLog,
     Request,
     delete_quietly,
+    ensure_dir,
     guard,
     parse_body,
     read_capped,
@@ -236,13 +237,19 @@ class RequestChannel:
             self._uncollected.discard(info.path)
             delete_quietly(self.fs, info.path)
             return None
+        if (dest in self._known or self.fs.get_file_info(dest).type == pafs.FileType.File) \
+                and self._same_bytes(info.path, dest):
+            # The request file left behind by a claim whose copy landed (the delete of its source
+            # failed): the same request, already claimed. Removed, never claimed a second time.
+            delete_quietly(self.fs, info.path)
+            return None
         if dest in self._known or self._receipt(stem) is not None:
             # One id, one request, one receipt: serving it would overwrite that receipt (or the claim
             # in hand). Left where it is, said once; the end of the run removes it.
             self._warn_once(info.path, "dyncheck: ignoring request %s: its id was used before (it has a "
                             "receipt or is being served); write each request with a new id", info.path)
             return None
-        self.fs.create_dir(self.path(CLAIMED), recursive=True)
+        ensure_dir(self.fs, self.path(CLAIMED))
         try:
             self.fs.move(info.path, dest)
         except FileNotFoundError:
@@ -258,6 +265,14 @@ class RequestChannel:
         # Claimed from here on: if reading it fails, the rescan of the next poll picks it up.
         self._known.discard(dest)
         return self._read_request(dest, stem)
+
+    def _same_bytes(self, a: str, b: str) -> bool:
+        try:
+            return read_capped(self.fs, a) == read_capped(self.fs, b)
+        except FileNotFoundError:
+            return False
+        except ValueError:  # over the size cap: not a request of ours either way
+            return False
 
     def _read_request(self, path: str, stem: str) -> Request | None:
         try:

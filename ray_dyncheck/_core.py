@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ._channel import Request, RequestChannel
+from ._files import bounded
 from ._logs import console
 from ._metrics import Metrics
 from ._poller import RequestPoller
@@ -191,7 +192,9 @@ class WorkerCore:
                            "are off; scheduled saves and resume still work")
             return
         fs, run_dir = storage
-        self.channel = RequestChannel(fs, run_dir, self.config.trigger_file_path,
+        # Our own copy of Ray's filesystem (same options), with bounded retries and timeouts: a
+        # request of the poller gives up in seconds through an outage instead of minutes.
+        self.channel = RequestChannel(bounded(fs), run_dir, self.config.trigger_file_path,
                                       max_attempts=self.config.max_save_attempts)
         self.poller = RequestPoller(self.channel, self.config.poll_interval_s,
                                     on_claim=lambda r: self.metrics.request(r.source)).start()
@@ -437,8 +440,8 @@ class WorkerCore:
         ``error`` (on any rank) means this rank could not write its part: when any rank has one, every
         rank reports without a checkpoint (half a checkpoint is never reported) and the requests get
         an error receipt. ``t0`` is when the save began. If the backend's report itself raises (Ray
-        failing), the requests get an error receipt and the error propagates: Ray fails the worker
-        group and its ``FailureConfig`` decides.
+        failing), the requests get an error receipt, ``directory`` is removed (after its write) and
+        the error propagates: Ray fails the worker group and its ``FailureConfig`` decides.
         """
         t_written = time.perf_counter()
         # Unique per report (a resumed run can save the same step again), the same on every rank.
@@ -472,6 +475,12 @@ class WorkerCore:
                                 written=written)
         except BaseException as exc:
             on_done(None, exc)  # settles it: its requests get an error receipt (once)
+            if directory is not None:  # never handed over: ours to remove, once its write (if any) ends
+                dropped = directory
+                if written is None:
+                    shutil.rmtree(dropped, ignore_errors=True)
+                else:
+                    written.add_done_callback(lambda _: shutil.rmtree(dropped, ignore_errors=True))
             if directory is None:
                 self.abandon(requests, step, kind, reason, f"report failed: {type(exc).__name__}: {exc}")
             raise

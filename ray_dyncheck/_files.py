@@ -75,6 +75,8 @@ def bounded(fs: pafs.FileSystem) -> pafs.FileSystem:
             options["connect_timeout"] = CONNECT_TIMEOUT_S
         if not options.get("request_timeout") or options["request_timeout"] <= 0:
             options["request_timeout"] = REQUEST_TIMEOUT_S
+        # Delayed open: a small file is one PUT, not a multipart upload of three requests.
+        options["allow_delayed_open"] = True
         return pafs.S3FileSystem(**options,
                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
     if isinstance(fs, pafs.GcsFileSystem):
@@ -138,7 +140,7 @@ def read_json_large(fs: pafs.FileSystem, path: str, cap: int = 64 * 1024 * 1024)
 def write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:
     """Write JSON so readers never see half a file: temp + rename locally, one PUT elsewhere."""
     blob = json.dumps(data, indent=1, sort_keys=True).encode("utf-8")
-    fs.create_dir(posixpath.dirname(path), recursive=True)
+    ensure_dir(fs, posixpath.dirname(path))
     if fs.type_name == "local":
         tmp = f"{posixpath.dirname(path)}/.tmp-{secrets.token_hex(4)}-{posixpath.basename(path)}"
         with fs.open_output_stream(tmp) as f:
@@ -147,6 +149,13 @@ def write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:
     else:
         with fs.open_output_stream(path) as f:
             f.write(blob)
+
+
+def ensure_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Make a folder where folders exist; S3 has none (a marker object per level would cost one
+    request each, at every claim)."""
+    if fs.type_name != "s3":
+        fs.create_dir(path, recursive=True)
 
 
 def delete_quietly(fs: pafs.FileSystem, path: str) -> None:

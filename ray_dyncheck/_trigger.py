@@ -37,6 +37,7 @@ from ._files import (
     RUN_MARKER,
     Request,
     delete_quietly,
+    ensure_dir,
     filesystem_from_uri,
     new_id,
     read_capped,
@@ -183,7 +184,7 @@ class Trigger:
     def _probe(fs: pafs.FileSystem, folder: str) -> float | None:
         """The store's clock now: the modification time of an empty object of ours, then removed."""
         probe = posixpath.join(folder, f".dyncheck-clock-{secrets.token_hex(6)}")
-        fs.create_dir(folder, recursive=True)
+        ensure_dir(fs, folder)
         with fs.open_output_stream(probe):
             pass
         try:
@@ -215,7 +216,7 @@ class Trigger:
         rid = new_id("trigger")
         claimed = posixpath.join(self.run_dir, CLAIMED)
         dest = posixpath.join(claimed, f"{rid}.trigger")
-        self.run_fs.create_dir(claimed, recursive=True)
+        ensure_dir(self.run_fs, claimed)
         try:
             self.run_fs.move(self.path, dest)
         except FileNotFoundError:
