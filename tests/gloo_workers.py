@@ -90,7 +90,11 @@ class PreemptedBackend(rdc.LocalBackend):
 
 def _act(run_dir: str, action: str) -> None:
     if action == "touch":
-        open(os.path.join(run_dir, "dyncheck.save"), "a").close()
+        # A real touch: creates the file, or gives it a new modification time (a trigger claimed by its
+        # version, as on an object store or this wrapped filesystem, stays where it is).
+        from pathlib import Path
+
+        Path(run_dir, "dyncheck.save").touch()
     elif action == "break_requests":
         os.makedirs(os.path.join(run_dir, ".dyncheck"), exist_ok=True)
         with open(os.path.join(run_dir, ".dyncheck", "requests"), "w") as f:
