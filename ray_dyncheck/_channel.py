@@ -67,7 +67,10 @@ class RequestChannel:
         self.max_attempts = max_attempts
         # No I/O here (the constructor runs on the training thread): a URI's filesystem is made at the
         # first poll, on the poller thread.
-        self.trigger = Trigger(fs, self.run_dir, trigger_file_path)
+        self.trigger = Trigger(fs, self.run_dir, trigger_file_path, discard=self._discard)
+        self._trigger_blocked = True
+        """Until a rescan has read every trigger claim: their versions must be known before a poll of the
+        trigger (a version claimed before a restart must not fire again)."""
         self._marker: float | None = None
         # Claims in hand (handed out, not yet retired). Anything else in claimed/ is picked up again
         # by a rescan: on the first poll (a worker restart) and after any pass that had an error.
@@ -113,9 +116,10 @@ class RequestChannel:
         self._ok = True
         found: list[Request] = []
         if self._rescan:
+            self._trigger_blocked = True
             found += self._guard("read claimed requests", self._recover_claimed) or []
             self._known.update(r.path for r in found if r.path is not None)
-        if self._ok:  # after a failed rescan the versions of claimed triggers are not all known yet
+        if not self._trigger_blocked:
             trig = self._guard("read the trigger", self.trigger.poll)
             if trig is not None:
                 found.append(trig)
@@ -140,6 +144,7 @@ class RequestChannel:
                 attempts.setdefault(m.group(1), []).append(info.path)
         out = []
         claims = set()
+        triggers_read = True
         for info in infos:
             stem, _, ext = info.base_name.rpartition(".")
             if ext not in ("json", "trigger") or info.path in self._known:
@@ -149,6 +154,7 @@ class RequestChannel:
             req, ok = guard(self._errors, "read a claimed request", self.run_dir, self._recover_one, info, stem,
                             ext, len(marks))
             self._ok = self._ok and ok
+            triggers_read = triggers_read and (ok or ext != "trigger")
             if req is None:
                 if ok:  # answered: its attempt marks go with it (unreadable for now: tried again)
                     for mark in marks:
@@ -160,29 +166,33 @@ class RequestChannel:
             if stem not in claims and stem not in in_hand:
                 for mark in marks:  # a claim retired before its marks were removed
                     delete_quietly(self.fs, mark)
+        self._trigger_blocked = not triggers_read
         if out:
             logger.warning("dyncheck: %d request(s) claimed earlier and not yet answered are pending again: %s",
                            len(out), ", ".join(r.id for r in out))
         return out
 
     def _recover_one(self, info: pafs.FileInfo, stem: str, ext: str, attempts: int) -> Request | None:
-        # A final receipt first: an answered claim is only removed, whatever else holds for it.
-        receipt = self._receipt(stem)
-        if receipt is not None and receipt.get("status") in FINAL_STATUSES:
-            logger.info("dyncheck: claim %s already has its final receipt (%s); retiring it", stem,
-                        receipt["status"])
-            delete_quietly(self.fs, info.path)
-            return None
         if ext == "trigger":
-            # A trigger claimed by its version: that version counts as served (never fires again).
+            # A trigger claimed by its version: that version counts as served (never fires again),
+            # and is stored as served before this claim can be removed.
             try:
                 self.trigger.note_claimed(json.loads(read_capped(self.fs, info.path).decode("utf-8") or "null"))
             except FileNotFoundError:
                 return None
             except ValueError:  # a moved trigger holds whatever the user wrote into it
                 pass
+        # A final receipt next: an answered claim is only removed, whatever else holds for it.
+        receipt = self._receipt(stem)
+        if receipt is not None and receipt.get("status") in FINAL_STATUSES:
+            logger.info("dyncheck: claim %s already has its final receipt (%s); retiring it", stem,
+                        receipt["status"])
+            self.trigger.flush()
+            delete_quietly(self.fs, info.path)
+            return None
         if self._is_stale(info):
-            self._discard(info.path, stem if ext == "json" else None, "claimed before this run started")
+            self.trigger.flush()
+            self._discard(info.path, stem, "claimed before this run started")
             return None
         if ext == "trigger":
             req: Request | None = Request(id=stem, source="trigger", path=info.path, attempts=attempts)
@@ -286,6 +296,8 @@ class RequestChannel:
             return None
 
     def _discard(self, path: str, rid: str | None, why: str) -> None:
+        """Answer a claim or request ``discarded`` and remove it (ours: a claim, or a request file
+        written before the run)."""
         logger.warning("dyncheck: discarding request %s: %s", path, why)
         if rid is not None:
             self.write_receipt({"id": rid, "status": "discarded", "error": why})
@@ -323,6 +335,12 @@ class RequestChannel:
                 self.write_receipt({**receipt, "id": req.id, "source": req.source,
                                     "requested_kind": req.kind, "stop": req.stop})
                 written.add(req.id)
+            if req.path is not None and req.source == "trigger":
+                try:  # a claim holding a trigger's version goes only once that version is stored as served
+                    self.trigger.flush()
+                except OSError as exc:
+                    failed.append(f"{req.path}: kept until the served trigger version is stored ({exc})")
+                    continue
             if req.path is not None:
                 stem = req.path.rsplit(".", 1)[0]
                 # Earlier attempts and this one; the claim itself last, so nothing is orphaned.

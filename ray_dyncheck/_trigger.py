@@ -27,6 +27,8 @@ import json
 import logging
 import posixpath
 import secrets
+from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -34,6 +36,8 @@ import pyarrow.fs as pafs
 from ._files import (
     CHANNEL_DIR,
     CLAIMED,
+    FINAL_STATUSES,
+    RECEIPTS,
     RUN_MARKER,
     Request,
     delete_quietly,
@@ -67,10 +71,12 @@ class Trigger:
         spec: ``trigger_file_path`` from the config (validated there): relative to ``run_dir``, an
             absolute path, or a URI. A URI's filesystem is made at the first poll, on the poller
             thread (it may look the bucket's region up), never in the constructor.
+        discard: ``discard(claim path, id, why)``: answers a claim ``discarded`` and removes it.
     """
 
-    def __init__(self, fs: pafs.FileSystem, run_dir: str, spec: str) -> None:
-        self.run_fs, self.run_dir, self.spec = fs, run_dir.rstrip("/"), spec
+    def __init__(self, fs: pafs.FileSystem, run_dir: str, spec: str,
+                 discard: Callable[[str, str, str], None]) -> None:
+        self.run_fs, self.run_dir, self.spec, self._discard = fs, run_dir.rstrip("/"), spec, discard
         self.fs: pafs.FileSystem | None = None
         self.path = spec if "://" in spec else (
             posixpath.normpath(spec) if posixpath.isabs(spec) else posixpath.normpath(f"{self.run_dir}/{spec}"))
@@ -118,20 +124,29 @@ class Trigger:
         except ValueError:  # a corrupt record: the start marker still guards older versions
             data = None
         identity = data.get("identity") if isinstance(data, dict) else None
-        self._note(identity if isinstance(identity, list) else None)
+        stored = identity if isinstance(identity, list) else None
+        if self._served is not None and self._note(stored) is not True and self._served != stored:
+            self._dirty = True  # a claim recovered before this load holds a newer version: store it
         self._served_loaded = True
 
-    def _note(self, identity: list[Any] | None) -> None:
-        """Keep the newest of the served versions seen (by modification time)."""
+    def _note(self, identity: list[Any] | None) -> bool | None:
+        """Keep the newest of the served versions seen (by modification time): ``True`` if
+        ``identity`` became the newest, ``False`` if not, ``None`` if it is not a version."""
         if identity is None or len(identity) != 3:
-            return
+            return None
+        if identity == self._served:
+            return False
         if self._served is None or (identity[1] or 0) >= (self._served[1] or 0):
             self._served = identity
+            return True
+        return False
 
     def note_claimed(self, body: Any) -> None:
-        """A claim file recovered after a restart: the version it holds counts as served."""
+        """A claim file recovered after a restart: the version it holds counts as served (and is
+        stored as served before the claim can be removed)."""
         if isinstance(body, dict) and body.get("trigger") == self.spec and isinstance(body.get("identity"), list):
-            self._note(body["identity"])
+            if self._note(body["identity"]):
+                self._dirty = True
 
     def flush(self) -> None:
         """Store the newest served version if storing it failed before (raises if it fails again)."""
@@ -149,7 +164,16 @@ class Trigger:
         if marker is None or self.on_run_fs:
             self._start = marker
         else:
-            self._start = self._own_marker(marker)
+            try:
+                self._start = self._own_marker(marker)
+            except OSError as exc:
+                # A read-only trigger store: the clocks cannot be compared, so the run's marker is taken
+                # as it is (a trigger written just before the start, by a skewed clock, may fire).
+                logger.warning("dyncheck: cannot measure the clock of trigger_file_path %s (writing a probe into "
+                               "%s failed: %s); a trigger there is judged stale against the run's start as its "
+                               "own clock says. Allow writes there (e.g. s3:PutObject and s3:DeleteObject) to "
+                               "compare the two clocks", self.spec, posixpath.dirname(self.path), exc)
+                self._start = marker
         self._start_known = marker is not None
         return self._start
 
@@ -231,7 +255,7 @@ class Trigger:
         if self._is_stale(self.run_fs.get_file_info(dest)):
             logger.warning("dyncheck: ignoring trigger %s: it was written before this run started "
                            "(touch it again to save)", self.path)
-            delete_quietly(self.run_fs, dest)
+            self._discard(dest, rid, "the trigger was written before this run started")
             return None
         return Request(id=rid, source="trigger", path=dest)
 
@@ -243,8 +267,16 @@ class Trigger:
             self._warn_once(repr(identity), "dyncheck: ignoring trigger %s: it was written before this run "
                             "started (write it again to save)", self.path)
             return None
-        rid = new_id("trigger")
+        # One id per version: a claim write that times out and lands later, or is written again by
+        # the next poll, is the same claim (one object, one request), never a second one.
+        key = hashlib.sha1(f"{self.spec}|{identity}".encode()).hexdigest()[:6]
+        stamp = datetime.fromtimestamp((identity[1] or 0) / 1e9, timezone.utc).strftime("%Y%m%dT%H%M%S")
+        rid = f"trigger-{stamp}-{key}"
         dest = posixpath.join(self.run_dir, CLAIMED, f"{rid}.trigger")
+        if self._answered(rid):  # served before its version was stored as served
+            self._served, self._dirty = identity, True
+            self.flush()
+            return None
         # The claim first: once it is stored the request survives a restart, and its version counts
         # as served (a restart reads it back); the served record follows, retried until stored.
         write_json(self.run_fs, dest, {"trigger": self.spec, "identity": identity, "time": utc_now()})
@@ -258,6 +290,15 @@ class Trigger:
             logger.error("dyncheck: trigger %s is acted on once but it is a directory, not a file; it will not "
                          "fire again until it changes. Remove it and touch a file instead.", self.path)
         return Request(id=rid, source="trigger", path=dest, identity=tuple(identity))
+
+    def _answered(self, rid: str) -> bool:
+        try:
+            data = json.loads(read_capped(self.run_fs, posixpath.join(self.run_dir, RECEIPTS, f"{rid}.json")))
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            return False
+        return isinstance(data, dict) and data.get("status") in FINAL_STATUSES
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

@@ -174,7 +174,7 @@ class DynamicCheckpointConfig:
         if scheme not in TRIGGER_SCHEMES:
             raise _error("trigger_file_path", uri, f"use one of the schemes {', '.join(TRIGGER_SCHEMES)} "
                          "(pyarrow filesystems), a local path, or a name inside the run directory")
-        if scheme != "file" and not parts.netloc:
+        if scheme not in ("file", "hdfs", "viewfs") and not parts.netloc:  # HDFS: the default namenode
             raise _error("trigger_file_path", uri, f"name the bucket: {scheme}://<bucket>/<path>/dyncheck.save")
         if not parts.path.strip("/") or parts.path.endswith("/"):
             raise _error("trigger_file_path", uri, f"name a file, e.g. {scheme}://{parts.netloc or '<bucket>'}"

@@ -314,6 +314,9 @@ def _check_version(manifest: Mapping[str, Any], where: str) -> None:
 def _check_names(files: Mapping[str, Any], where: str) -> None:
     """A manifest names files inside its checkpoint only: it comes from storage, and a ``../`` or an
     absolute name would have a resume or an export read (and check) a file elsewhere."""
+    if not isinstance(files, Mapping) or not all(isinstance(v, int) for v in files.values()):
+        raise ValueError(f"checkpoint {where} has a {MANIFEST_FILE} whose 'files' is not a map of file names "
+                         "to sizes: it is damaged; resume from another checkpoint")
     for name in files:
         if not stays_inside(name):
             raise ValueError(f"checkpoint {where} lists {name!r}, a file outside its directory: refused (a "
@@ -333,7 +336,7 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     _check_version(manifest, directory)
-    _check_names(manifest["files"], directory)
+    _check_names(manifest.get("files"), directory)
     for name, size in manifest["files"].items():
         file = os.path.join(directory, name)
         if not os.path.isfile(file) or os.path.getsize(file) != size:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -108,12 +109,14 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         if os.path.exists(marker):
             return
         open(marker, "w").close()
+    # A real touch: creates the file or gives it a new modification time (a trigger claimed by its
+    # version, on a store where it cannot be moved atomically, stays where it is).
     if action == "touch":
-        open(trigger, "a").close()
+        Path(trigger).touch()
     elif action.startswith("touch_at:"):  # a trigger_file_path elsewhere
         path = action.split(":", 1)[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "a").close()
+        Path(path).touch()
     elif action == "mkdir_trigger":
         os.makedirs(trigger)
     elif action.startswith("request:"):
@@ -144,6 +147,12 @@ def act(run_dir: str, action: str, out: str = "") -> None:
         deadline = time.time() + 30
         while time.time() < deadline and not (os.path.isdir(folder) and any(
                 n.startswith(rid) and not n.startswith(".") for n in os.listdir(folder))):
+            time.sleep(0.05)
+    elif action.startswith("wait_any_receipt:"):  # until a receipt whose id starts so is written
+        folder, prefix = os.path.join(run_dir, ".dyncheck", "receipts"), action.partition(":")[2]
+        deadline = time.time() + 60
+        while time.time() < deadline and not (os.path.isdir(folder) and any(
+                n.startswith(prefix) for n in os.listdir(folder))):
             time.sleep(0.05)
     elif action.startswith("wait_receipt:"):  # until the request's receipt is written (committed)
         path = os.path.join(run_dir, ".dyncheck", "receipts", f"{action.partition(':')[2]}.json")

@@ -87,3 +87,51 @@ def test_a_sequence_of_faults_and_kills_ends_with_every_request_answered(ray_loc
     assert 65 not in starts and starts[-1] == receipts["req-d"]["step"]
     ok_paths = {receipts[k]["checkpoint"] for k in ("req-a", "req-d", "req-e")}
     assert all(dirs[os.path.basename(p)]["state"] == "committed" for p in ok_paths)
+
+
+@pytest.mark.timeout(300)
+def test_a_trigger_claimed_by_its_version_fires_once_across_a_restart(ray_local, tmp_path):
+    """The trigger on another store than the run's (a local path; the run on a wrapped filesystem):
+    claimed by its version, never deleted. One written before the run started does not fire; one
+    written during the run fires once, and the group restarted under FailureConfig (rank 1 SIGKILLed
+    after it was answered) does not save for it again."""
+    import time
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_dyncheck.client import run_status
+
+    storage, out = tmp_path / "results", tmp_path / "out"
+    out.mkdir()
+    plan = out / "plan.json"
+    set_plan(plan, [])
+    trigger = tmp_path / "elsewhere" / "go.save"
+    trigger.parent.mkdir()
+    trigger.touch()
+    before = time.time() - 60
+    os.utime(trigger, (before, before))  # left from before this run
+    actions = {
+        "8": [f"once:t:touch_at:{trigger}"],
+        "20": ["once:w:wait_any_receipt:trigger-", "once:k:kill_rank1", "once:s:sleep:10"],
+    }
+    dc = {"check_interval": 5, "poll_interval_s": 0.1, "collective_timeout_s": 60, "commit_timeout_s": 60,
+          "trigger_file_path": str(trigger)}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"steps": 50, "step_time": 0.02, "dynamic_checkpoint": dc, "actions": actions,
+                           "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="once", storage_path=str(storage), storage_filesystem=fault_fs(plan),
+                             failure_config=FailureConfig(max_failures=1)),
+    )
+    result = trainer.fit()
+    assert result.error is None
+    starts = [int(x) for x in (out / "starts.log").read_text().split()]
+    assert len(starts) == 2 and starts[1] > 8, f"one restart, from the trigger's checkpoint: {starts}"
+    run = storage / "once"
+    receipts = [json.loads(p.read_text()) for p in (run / ".dyncheck" / "receipts").glob("*.json")]
+    assert [(r["source"], r["status"]) for r in receipts] == [("trigger", "ok")], receipts
+    saved = [c for c in run_status(str(run))["checkpoints"] if c.get("reason") == "trigger"]
+    assert len(saved) == 1 and saved[0]["step"] > 8, saved
+    assert trigger.exists(), "a trigger claimed by its version is never deleted"

@@ -465,3 +465,65 @@ def test_a_trigger_on_another_store_written_before_the_run_started_does_not_fire
     os.utime(outside, (now, now))  # touched during the run
     assert len(RequestChannel(run_fs, "run", str(outside)).poll()) == 1
     assert not list(outside.parent.glob(".dyncheck-clock-*")), "the clock probes are removed"
+
+
+def _elsewhere(tmp_path):
+    """The run on a filesystem other than this machine's local one (as S3 would be), the trigger at an
+    absolute local path: claimed by its version."""
+    run_fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    trigger = tmp_path / "local" / "go.save"
+    trigger.parent.mkdir(exist_ok=True)
+    return run_fs, trigger, lambda: RequestChannel(run_fs, "run", str(trigger))
+
+
+def test_a_version_claimed_before_a_restart_never_fires_again(tmp_path, run):
+    """The process died between storing the claim and storing the version as served: the restarted
+    channel serves the claim, stores its version as served before removing it, and a second restart
+    does not serve it again."""
+    run_fs, trigger, new_channel = _elsewhere(tmp_path)
+    trigger.touch()
+    [req] = new_channel().poll()
+    served = run / ".dyncheck" / "served"
+    for f in served.iterdir():
+        f.unlink()  # its served record never landed
+    ch = new_channel()  # restart 1
+    [again] = ch.poll()
+    assert again.id == req.id
+    ch.retire([again], {"status": "ok", "step": 3})
+    assert new_channel().poll() == [], "restart 2: the same version is not served again"
+    assert list(receipts(run)) == [req.id]
+
+
+def test_a_version_answered_before_its_served_record_landed_is_not_served_again(tmp_path, run):
+    """One id per version: a claim written again (a timed-out write retried, a lost served record)
+    finds its receipt and is not a second request."""
+    run_fs, trigger, new_channel = _elsewhere(tmp_path)
+    trigger.touch()
+    ch = new_channel()
+    [req] = ch.poll()
+    ch.retire([req], {"status": "ok", "step": 3})
+    for f in (run / ".dyncheck" / "served").iterdir():
+        f.unlink()
+    assert new_channel().poll() == []
+    assert list(receipts(run)) == [req.id] and receipts(run)[req.id]["step"] == 3
+
+
+def test_an_unreadable_claim_does_not_stop_the_trigger(tmp_path, run, caplog):
+    (run / ".dyncheck" / "claimed" / "odd.json").mkdir(parents=True)  # not a file: cannot be read
+    ch = channel(run)
+    with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+        assert ch.poll() == []
+        (run / "dyncheck.save").touch()
+        assert [r.source for r in ch.poll()] == ["trigger"]
+    assert "cannot read a claimed request" in caplog.text
+
+
+def test_a_stale_trigger_claim_gets_a_discarded_receipt(run):
+    trig = run / "dyncheck.save"
+    trig.touch()
+    old = time.time() - 1000
+    os.utime(trig, (old, old))
+    assert channel(run).poll() == []
+    [(rid, got)] = receipts(run).items()
+    assert rid.startswith("trigger-") and got["status"] == "discarded"
+    assert "written before this run started" in got["error"]
