@@ -125,6 +125,7 @@ def test_a_cut_at_each_request_of_claim_and_retire_serves_everything_once(proxy,
     assert len(got) == 1
     retire = _requests_of(proxy, lambda: ch.retire(got, {"status": "ok", "step": 1}))
     assert claim >= 2 and retire >= 2, (claim, retire)
+    print(f"\n{source}: a claim is {claim} storage requests, its retirement {retire}; each is cut in turn")
 
     for cut_at in range(claim + retire):
         run = _start(direct)
