@@ -23,6 +23,7 @@ from ._files import (
     RECEIPTS,
     REQUESTS,
     RUN_MARKER,
+    bounded,
     new_id,
     read_json,
     read_json_large,
@@ -40,9 +41,11 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def open_run(run: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """Resolve and check a run directory: it must exist and hold Ray's run marker."""
+    """Resolve and check a run directory: it must exist and hold Ray's run marker. Every call on the
+    filesystem gives up in bounded time: one given as an S3/GCS filesystem is rebuilt with bounded
+    retries and timeouts (its own options kept)."""
     try:
-        fs, path = resolve_run_dir(run, filesystem)
+        fs, path = resolve_run_dir(run, None if filesystem is None else bounded(filesystem))
         info = fs.get_file_info(path)
         marker = fs.get_file_info(posixpath.join(path, RUN_MARKER))
     except Exception as exc:  # unreachable bucket, bad URI, permissions

@@ -5,7 +5,10 @@ owns the interrupt signals: ``trainer.fit()`` runs in a thread, the main thread 
 signals. A handler only records the signal; a helper thread writes one request (``{"kind":
 on_interrupt, "stop": true}``) into the run's request folder, the same channel rank 0 already reads,
 and the main thread waits for the workers to save and stop under a deadline. The main thread never
-touches storage: a hung filesystem cannot keep Ctrl+C from working.
+touches storage: a hung filesystem cannot keep Ctrl+C from working. Every wait has a deadline, the
+driver's storage calls give up in bounded time (``_files.bounded``), and when the script must stop
+while a storage call is still stuck, the main thread ends the process itself rather than leave it to
+the interpreter's exit (which waits for that call).
 
 Example::
 
@@ -21,14 +24,15 @@ import logging
 import os
 import posixpath
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import pyarrow.fs as pafs
 
 from ._channel import answer_leftovers
-from ._files import RECEIPTS, REQUESTS, new_id, read_json, write_json
+from ._files import RECEIPTS, REQUESTS, bounded, filesystem_from_uri, new_id, read_json, write_json
 from ._logs import console
 from .config import DynamicCheckpointConfig, load_config
 
@@ -45,6 +49,16 @@ REQUEST_TIMEOUT_S = 5.0
 FORCE_EXIT_S = 3.0
 # How long the end of fit() waits for leftover requests to be answered (storage may hang).
 TIDY_TIMEOUT_S = 10.0
+# How long a script that stops on a signal gives ray.shutdown() (a dead node, a stuck raylet).
+SHUTDOWN_TIMEOUT_S = 15.0
+# The last resort behind each of those deadlines: the kernel's interval timer, with SIGALRM left to
+# its default action (end the process), fires this much later. A timer thread calling os._exit is
+# the first line, but it needs the GIL and a live interpreter: it never runs while the main thread
+# holds the GIL in C code, nor once the interpreter is exiting (seen: pyarrow's atexit S3 finalizer
+# waiting, GIL held, for an S3 call stuck on a frozen server). SIGALRM needs neither. Unlike a
+# watchdog process it cannot signal a recycled pid, and it dies with us. Its status says SIGALRM
+# (142), not the signal's: it only fires when the timer thread could not.
+ALARM_MARGIN_S = 1.5
 
 
 class _Signals:
@@ -68,12 +82,20 @@ class _Signals:
 
 
 class _Job:
-    """A storage call on a daemon thread (driver): a hung filesystem never blocks the main thread."""
+    """A storage call on a daemon thread (driver): a hung filesystem never blocks the main thread.
+    The thread touches only its own job's fields, and ``_Job.running`` under ``_Job.lock``."""
+
+    lock = threading.Lock()
+    running: set[_Job] = set()
+    """Jobs not finished yet, of every ``fit()`` in this process: a stuck one holds up interpreter exit."""
 
     def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        self.name = name
         self.done = threading.Event()
         self.result: Any = None
         self.error: Exception | None = None
+        with _Job.lock:
+            _Job.running.add(self)
         threading.Thread(target=self._run, args=(fn, *args), name=f"dyncheck-{name}", daemon=True).start()
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -82,7 +104,14 @@ class _Job:
         except Exception as exc:  # handed to the main thread, which logs it in one line
             self.error = exc
         finally:
+            with _Job.lock:
+                _Job.running.discard(self)
             self.done.set()
+
+    @staticmethod
+    def busy() -> list[str]:
+        with _Job.lock:
+            return sorted(job.name for job in _Job.running)
 
 
 def fit(
@@ -120,7 +149,10 @@ def fit(
                        "Ctrl+C keeps Ray's default (no save). Call it from the main thread.")
         return trainer.fit()
 
-    run_dir = _RunDir(trainer.run_config)  # resolved on a helper thread: even that may touch storage
+    run_dir = _RunDir(trainer.run_config)
+    # Resolved now, on a helper thread (even that may touch storage), while storage is likely healthy:
+    # creating an S3 client waits until every S3 call in flight in the process has ended.
+    _Job("resolve", run_dir.resolve)
     box: dict[str, Any] = {}
     ended = threading.Event()
 
@@ -136,12 +168,13 @@ def fit(
     previous = {n: signal.signal(n, recorder.handler) for n in nums}
     try:
         threading.Thread(target=run, name="dyncheck-fit", daemon=True).start()
-        first = _wait(ended.is_set, recorder, None)
+        first = _wait(ended.is_set, recorder, None)  # the training itself: as long as it takes
         if first is None:
             _, late = _tidy(run_dir, box, None, recorder, 0.0)
             late = late or recorder.pop(0.0)  # one that came as fit() ended is not dropped either
             if late is not None and raise_on_interrupt and "error" not in box:
-                _shut_down(late[0])  # Ctrl+C while we tidied up: the script stops, as it asked
+                _stop_ray(late[0])  # Ctrl+C while we tidied up: the script stops, as it asked
+                _leave(late[0], ended)
             return _outcome(box)
         signum, t_sig = first
         name = signal.Signals(signum).name
@@ -158,32 +191,54 @@ def fit(
                      else f"storage did not answer within {REQUEST_TIMEOUT_S:g} s")
             logger.error("dyncheck: cannot ask the workers to save: writing the interrupt request into %s "
                          "failed (%s); stopping without a save", run_dir, cause)
-            _shut_down(signum, then_raise=raise_on_interrupt)  # the workers were not told: stopping Ray stops them
+            _stop_ray(signum)  # the workers were not told: stopping Ray stops them
+            # A timed-out write is not cancelled and may still land: once it has ended (bounded), what
+            # is in the request folder is answered, so nobody waits on a request to a stopped run.
+            # If storage stays silent past the tidy deadline, the next fit() discards it as stale.
+            _, late = _tidy(run_dir, box, None, recorder, after, write,
+                            why="the driver stopped the run without a save (its interrupt request could "
+                                "not be written in time)")
+            if late is not None:  # Ctrl+C again while we tidied up: no more waiting
+                _exit_now(signum)
+            if raise_on_interrupt:
+                _leave(signum, ended)
             return box.get("result")
         if second is None:
             second = _wait(ended.is_set, recorder, time.monotonic() + grace, after)
         if not ended.is_set():
-            _exit_after(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
-            why = (f"second {signal.Signals(second[0]).name}" if second is not None
-                   else f"no answer within interrupt_grace_s={grace:g} s")
-            job = _Job("receipt", lambda: read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))) if written else None
-            seen = ("the request is not written yet (storage has not answered)" if job is None
-                    else "the receipt could not be read in time" if not job.done.wait(1.0)
-                    else job.result or "no receipt yet (the workers have not saved)")
-            logger.error("dyncheck: forced exit (%s); waited for request %s in %s; last seen: %s",
-                         why, rid, run_dir, seen)
-            _shut_down(signum)
-        receipt, _ = _tidy(run_dir, box, rid, recorder, after)
+            _force_exit(signum, second, grace, rid, run_dir, written, nums)
+        receipt, _ = _tidy(run_dir, box, rid, recorder, after, write)
         logger.warning("dyncheck: stopped after the interrupt in %.1f s; %s", time.monotonic() - t_sig,
                        _where(receipt, box))
         if raise_on_interrupt:
             if "error" in box:
                 raise box["error"]
-            _shut_down(signum)
+            _stop_ray(signum)
+            _leave(signum, ended)
         return _outcome(box)
     finally:
         for n, h in previous.items():
             signal.signal(n, h if h is not None else signal.SIG_DFL)
+
+
+def _force_exit(signum: int, second: tuple[int, float] | None, grace: float, rid: str, run_dir: _RunDir,
+                written: bool, nums: list[int]) -> NoReturn:
+    """Ends the process within ``FORCE_EXIT_S`` with the first signal's status. Main thread (driver)."""
+    _Watchdog(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
+    for n in nums:  # and a further Ctrl+C ends it at once, by the kernel's default action
+        signal.signal(n, signal.SIG_DFL)
+    why = (f"second {signal.Signals(second[0]).name}" if second is not None
+           else f"no answer within interrupt_grace_s={grace:g} s")
+    job = _Job("receipt", lambda: read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))) if written else None
+    seen = ("the request is not written yet (storage has not answered)" if job is None
+            else "the receipt could not be read in time" if not job.done.wait(1.0)
+            else job.result or "no receipt yet (the workers have not saved)")
+    logger.error("dyncheck: forced exit (%s); waited for request %s in %s; last seen: %s",
+                 why, rid, run_dir, seen)
+    import ray
+
+    ray.shutdown()
+    _exit_now(signum)
 
 
 def _wait(done: Callable[[], bool], recorder: _Signals, deadline: float | None,
@@ -214,15 +269,20 @@ class _RunDir:
         self._resolved: tuple[pafs.FileSystem, str] | None = None
 
     def __str__(self) -> str:
-        return posixpath.join(str(self.config.storage_path), str(self.config.name))
+        base, q, query = str(self.config.storage_path).partition("?")  # s3://b/p?endpoint_override=...
+        return posixpath.join(base, str(self.config.name)) + q + query
 
     def resolve(self) -> tuple[pafs.FileSystem, str]:
+        """The filesystem Ray stores the run on (as ``get_fs_and_path`` resolves it), with bounded
+        retries and timeouts: an S3/GCS one the user gave is rebuilt from its own options."""
         with self._lock:
             if self._resolved is None:
                 path = str(self.config.storage_path)
                 fs = self.config.storage_filesystem
-                if fs is None:  # as Ray resolves it (get_fs_and_path)
-                    fs, path = pafs.FileSystem.from_uri(path)
+                if fs is None:
+                    fs, path = filesystem_from_uri(path)
+                else:
+                    fs = bounded(fs)
                 self._resolved = fs, posixpath.join(path, str(self.config.name))
             return self._resolved
 
@@ -231,16 +291,26 @@ class _RunDir:
         return fs, posixpath.join(root, *parts)
 
 
-def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Signals,
-          after: float) -> tuple[dict[str, Any] | None, tuple[int, float] | None]:
-    """``fit()`` has ended: requests nobody served get ``unserved`` receipts, then the interrupt's
-    receipt (request ``rid``) is read, on a helper thread for at most ``TIDY_TIMEOUT_S`` or until a
-    signal. Runs on the driver's main thread; returns ``(receipt, signal)``."""
+def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Signals, after: float,
+          write: _Job | None = None, why: str | None = None
+          ) -> tuple[dict[str, Any] | None, tuple[int, float] | None]:
+    """``fit()`` has ended (or Ray was stopped): once the interrupt's ``write`` has ended, requests
+    nobody served get ``unserved`` receipts (saying ``why``), then the interrupt's receipt (request
+    ``rid``) is read, on a helper thread, for at most ``TIDY_TIMEOUT_S`` in all or until a signal.
+    Runs on the driver's main thread; returns ``(receipt, signal)``."""
     err = box.get("error")
-    why = f"the run ended (fit() {f'raised {type(err).__name__}' if err else 'returned'}) before a check served it"
-    job = _Job("leftovers", lambda: (answer_leftovers(*run_dir.resolve(), why),
-                                     rid and read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))))
-    sig = _wait(job.done.is_set, recorder, time.monotonic() + TIDY_TIMEOUT_S, after)
+    why = why or (f"the run ended (fit() {f'raised {type(err).__name__}' if err else 'returned'}) "
+                  "before a check served it")
+    deadline = time.monotonic() + TIDY_TIMEOUT_S
+
+    def answer() -> tuple[list[str], dict[str, Any] | None]:
+        if write is not None:
+            write.done.wait(max(0.0, deadline - time.monotonic()))  # a late write lands before the listing
+        answered = answer_leftovers(*run_dir.resolve(), why)
+        return answered, read_json(*run_dir.join(RECEIPTS, f"{rid}.json")) if rid else None
+
+    job = _Job("leftovers", answer)
+    sig = _wait(job.done.is_set, recorder, deadline, after)
     if not job.done.is_set():
         logger.error("dyncheck: requests left in %s not answered: %s", run_dir,
                      f"{signal.Signals(sig[0]).name} received" if sig is not None
@@ -257,25 +327,68 @@ def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Sig
     return None, sig
 
 
-def _exit_after(seconds: float, signum: int) -> threading.Timer:
-    """Ends the process with the signal's status ``seconds`` from now, unless cancelled. Driver."""
-    timer = threading.Timer(seconds, os._exit, args=(128 + signum,))
-    timer.daemon = True
-    timer.start()
-    return timer
+class _Watchdog:
+    """Ends the process ``seconds`` from now with the signal's status unless cancelled: a timer thread
+    calls ``os._exit``, and the kernel's SIGALRM ``ALARM_MARGIN_S`` later if that thread cannot run.
+    Armed and cancelled from the main thread (driver); an application's own interval timer is put
+    back on cancel, with the time that passed taken off."""
+
+    def __init__(self, seconds: float, signum: int) -> None:
+        self._timer = threading.Timer(seconds, os._exit, args=(128 + signum,))
+        self._timer.daemon = True
+        self._timer.start()
+        self._armed = time.monotonic()
+        self._handler = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        self._previous = signal.setitimer(signal.ITIMER_REAL, seconds + ALARM_MARGIN_S)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        delay, interval = self._previous
+        left = max(delay - (time.monotonic() - self._armed), 1e-3) if delay > 0 else 0.0
+        signal.setitimer(signal.ITIMER_REAL, left, interval)
+        signal.signal(signal.SIGALRM, self._handler if self._handler is not None else signal.SIG_DFL)
 
 
-def _shut_down(signum: int, *, then_raise: bool = True) -> None:
-    # The script is stopping as asked. Shut Ray down now: left to Ray's atexit hook, the shutdown
-    # turns an uncaught KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130).
-    # A shutdown that hangs (a dead node, a stuck raylet) must not keep a stopping script alive.
+def _stop_ray(signum: int) -> None:
+    """Shut Ray down, within ``SHUTDOWN_TIMEOUT_S`` (else the process ends with the signal's status).
+    The script is stopping as asked; left to Ray's atexit hook, the shutdown would turn an uncaught
+    KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130). Main thread (driver)."""
     import ray
 
-    timer = _exit_after(15.0, signum)
-    ray.shutdown()
-    timer.cancel()
-    if then_raise:
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+    watchdog = _Watchdog(SHUTDOWN_TIMEOUT_S, signum)
+    try:
+        ray.shutdown()
+    finally:
+        watchdog.cancel()
+
+
+def _leave(signum: int, ended: threading.Event) -> NoReturn:
+    """The script stops for ``signum`` (Ray already shut down): raise ``KeyboardInterrupt`` (SIGINT)
+    or ``SystemExit(128 + signum)`` as Python would, so the script's own ``finally`` blocks run. But
+    if a storage call of ours, or ``trainer.fit()``, is still running, the interpreter's exit would
+    wait for it (pyarrow's atexit S3 finalizer waits for every S3 call in flight): end it here."""
+    busy = _Job.busy() + ([] if ended.is_set() else ["fit"])
+    if busy:
+        logger.warning("dyncheck: ending the process now (status %d): still running: %s", 128 + signum,
+                       ", ".join(busy))
+        _exit_now(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def _exit_now(signum: int) -> NoReturn:
+    """Flush the logs and stdio, then end the process with the signal's status, from the main thread
+    and without the interpreter's exit (no atexit hooks, no finalizers that wait for stuck threads).
+    A flush that blocks (a stuck log handler or pipe) is cut short by the kernel's alarm."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if not 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= ALARM_MARGIN_S:  # keep a sooner one
+        signal.setitimer(signal.ITIMER_REAL, ALARM_MARGIN_S)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, closed, or a broken pipe: nothing to keep
+            pass
+    os._exit(128 + signum)
 
 
 def _outcome(box: dict[str, Any]) -> Any:

@@ -113,3 +113,25 @@ def test_requests_left_when_the_run_ends_get_unserved_receipts(tmp_path):
     assert receipt["error"] == "the run ended (fit() returned) before a check served it"
     assert not (channel / "requests" / "left-1.json").exists()
     assert "1 request(s) left in" in log and "answered 'unserved': left-1" in log
+
+
+@pytest.mark.ray
+def test_a_request_write_that_lands_after_the_driver_gave_up_is_answered(tmp_path):
+    # The write takes 9 s: the driver stops without a save at 5 s, and the request lands afterwards.
+    plan = tmp_path / "plan.json"
+    set_plan(plan, [{**REQUEST_WRITE, "action": "hang", "seconds": 9}])
+    proc, ready = start_driver(tmp_path, extra={"plan": str(plan)})
+    wait_ready(proc, ready, tmp_path)
+    os.kill(proc.pid, signal.SIGINT)
+    rc, log = finish(proc, tmp_path, timeout=90)
+    assert rc in KILLED_BY_SIGINT, log[-3000:]
+    assert "storage did not answer within 5 s); stopping without a save" in log, log[-3000:]
+    channel = tmp_path / "results" / "run" / ".dyncheck"
+    [request] = [json.loads(p.read_text()) for p in (channel / "receipts").glob("interrupt-*.json")] or [None]
+    assert request is not None, (sorted(p.name for p in channel.rglob("*")), log[-3000:])
+    assert request["status"] == "unserved", request
+    assert request["error"] == ("the driver stopped the run without a save (its interrupt request could not be "
+                                "written in time)")
+    assert not list((channel / "requests").glob("*.json"))
+    assert f"1 request(s) left in {tmp_path / 'results' / 'run'} answered 'unserved': {request['id']}" in log
+    assert weights_checkpoints(tmp_path) == []
