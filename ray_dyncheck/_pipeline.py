@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,8 +144,12 @@ class SavePipeline:
                     shutil.rmtree(directory, ignore_errors=True)
                     directory = None
         if written is not None and self.core.config.save_mode == "sync":
+            timeout = self.core.config.commit_timeout_s
             try:
-                written.result()
+                written.result(timeout=timeout)  # bounded: a hung disk must not hang training
+            except FutureTimeout:
+                error = (f"rank {self.rank}: the write did not finish within commit_timeout_s={timeout:g} s "
+                         "(storage hung?); raise commit_timeout_s if it is only slow")
             except Exception as exc:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             written = None

@@ -190,3 +190,22 @@ def test_the_process_exits_while_a_write_hangs(tmp_path):
         pytest.fail(f"the process did not exit within 60 s of a hung write: {exc.stdout!r} {exc.stderr!r}")
     assert done.returncode == 0, done.stderr
     assert "closed" in done.stdout
+
+
+def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog):
+    """``save_mode: sync`` waits for the write on the training thread: bounded by commit_timeout_s, then
+    the save fails (logged, nothing stored) and training goes on."""
+    writes = HeldWrites(limit_s=120)
+    dc, model, opt = _hook(tmp_path, writes, commit_timeout_s=1.0, save_mode="sync")
+    _train(dc, model, opt)
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level(logging.ERROR, logger="ray_dyncheck"):
+            dc.save("weights")
+        took = time.monotonic() - t0
+    finally:
+        writes.release_all()
+    assert took < 1.0 + 5.0, took
+    assert "the write did not finish within commit_timeout_s=1 s" in caplog.text, caplog.text
+    dc.close()
+    assert _stored(tmp_path / "run") == {}
