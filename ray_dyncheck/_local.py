@@ -7,9 +7,10 @@ import logging
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -36,7 +37,14 @@ class LocalBackend:
     commits the checkpoint with its last file, ``.dyncheck-committed`` (on a local disk the files are
     staged beside the final name and renamed into place). A directory without it (a writer killed
     halfway) is never listed, and checkpoints are listed newest commit first. A failed store gives
-    an error receipt; training goes on.
+    an error receipt; training goes on. The store thread runs until :meth:`close` (or the end of a
+    ``with`` block; the hook and the HF callback close it too when they close).
+
+    Example::
+
+        with rdc.LocalBackend("/shared/runs/exp1") as backend:
+            with rdc.DynamicCheckpoint(cfg, model=model, optimizer=opt, backend=backend) as dc:
+                ...
 
     Args:
         run_dir: Local path or URI of the run directory (shared by every rank that stores files).
@@ -57,7 +65,33 @@ class LocalBackend:
             self.fs.create_dir(self.run_dir, recursive=True)
             with self.fs.open_output_stream(posixpath.join(self.run_dir, RUN_MARKER)):
                 pass
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dyncheck-store")
+        self._lock = threading.Lock()
+        """Guards the store thread's executor and the stores handed to it."""
+        self._executor: ThreadPoolExecutor | None = None
+        self._stores: set[Future[None]] = set()
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait until the checkpoints handed over so far are stored (at most ``timeout`` seconds,
+        default ``store_timeout_s`` plus a minute), then end the store thread. A store still running
+        then is not cut short: the thread ends after it. The backend stays usable: a later report
+        starts a new thread. The hook and the HF callback call it with ``timeout=0`` when they close
+        (they have waited for their stores already)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+            stores = list(self._stores)
+        if executor is None:
+            return
+        left = wait(stores, self.store_timeout_s + 60.0 if timeout is None else timeout).not_done
+        if left:
+            logger.warning("dyncheck: %d checkpoint store(s) still running in %s; the store thread ends after "
+                           "them", len(left), self.run_dir)
+        executor.shutdown(wait=not left)
 
     def storage(self) -> tuple[pafs.FileSystem, str]:
         return self.fs, self.run_dir
@@ -70,8 +104,18 @@ class LocalBackend:
                metadata: dict[str, Any], on_done: OnDone, written: Future[Any] | None = None) -> None:
         """Never raises: the store runs in the background; a failure is handed to ``on_done`` (an error
         receipt), and training goes on."""
-        if directory is not None:
-            self._executor.submit(self._store, directory, name, on_done, written)
+        if directory is None:
+            return
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="dyncheck-store")
+            store = self._executor.submit(self._store, directory, name, on_done, written)
+            self._stores.add(store)
+        store.add_done_callback(self._stored)
+
+    def _stored(self, store: Future[None]) -> None:
+        with self._lock:
+            self._stores.discard(store)
 
     def _store(self, directory: str, name: str, on_done: OnDone, written: Future[Any] | None) -> None:
         dest = posixpath.join(self.run_dir, name)

@@ -95,8 +95,12 @@ class DynamicCheckpoint:
         self.should_stop = False
         self._save_steps = self.config.save_steps
         self._core = WorkerCore(self.config, backend)  # collective: every rank constructs it here
-        self._pipeline = SavePipeline(self._core, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      extra_state=self.extra_state)  # collective too
+        try:
+            self._pipeline = SavePipeline(self._core, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                          extra_state=self.extra_state)  # collective too
+        except BaseException:
+            self._core.close(clean=False)  # its poller and side group
+            raise
 
     @property
     def saves(self) -> list[dict[str, Any]]:
@@ -114,12 +118,18 @@ class DynamicCheckpoint:
         """Wait until this rank's checkpoints are stored and their receipts final, then stop the poller.
 
         ``clean`` (the loop ended normally): requests still pending or claimed get an ``unserved``
-        receipt; the ``with`` block passes ``clean=False`` when it is left by an exception.
+        receipt; the ``with`` block passes ``clean=False`` when it is left by an exception. Every path
+        ends our threads (the poller, the commit and writer threads, a :class:`LocalBackend`'s store
+        thread: it starts again if the backend is used again) and our gloo side groups.
         """
         try:
             self._core.close(timeout, clean=clean)
         finally:
-            self._pipeline.close(clean=clean)
+            try:
+                self._pipeline.close(clean=clean)
+            finally:
+                if isinstance(self.backend, LocalBackend):
+                    self.backend.close(timeout=0.0)  # its stores were waited for above
 
     # -- resume ------------------------------------------------------------------------------------
 
