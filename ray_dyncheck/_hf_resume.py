@@ -7,12 +7,14 @@ Runs in every Ray Train worker (or any ``torch.distributed`` rank with a backend
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,12 +24,17 @@ import torch
 from ._core import Backend, chosen_by_rank0, fail_together
 from ._files import read_capped
 from .agree import Agreement
-from .errors import CheckpointRestoreError
 from .state import MANIFEST_FILE, read_manifest, read_stored_manifest
 
 __all__ = ["hf_resume_path"]
 
 logger = logging.getLogger(__name__)
+
+_downloads_lock = threading.Lock()
+_downloads: dict[str, int] = {}
+"""Checkpoints :func:`hf_resume_path` downloaded and nobody removed yet: path -> the thread that
+resumes from it. Guarded by ``_downloads_lock`` (any thread may release them, at exit too)."""
+_at_exit = False
 
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -85,8 +92,12 @@ def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None =
 
     Runs in a Ray Train worker, on **every** rank, before ``trainer.train``. Rank 0 chooses the
     checkpoint: the newest whose manifest's files (every rank's) are all there; every rank then uses
-    that one, downloaded into ``download_dir`` (default: a new temporary directory) when the storage
-    is remote, and checks it. Also accepts checkpoints written by Ray's ``RayTrainReportCallback``
+    that one, downloaded into a new temporary directory (in ``download_dir``, default the system's)
+    when the storage is remote, and checks it. The download is removed once ``Trainer`` has read it:
+    by :class:`~ray_dyncheck.DynamicCheckpointCallback` at the first step of that training (HF has
+    loaded the weights, optimizer, scheduler and RNG states by then), at its end, or when the
+    callback closes; else by the next call of this function in the same thread, and at interpreter
+    exit at the latest. Also accepts checkpoints written by Ray's ``RayTrainReportCallback``
     (HF's files in a ``checkpoint/`` subfolder). A weights-only checkpoint resumes at its step with a
     fresh optimizer; the callback restores its LR schedule and logs it.
 
@@ -104,6 +115,7 @@ def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None =
         from ._ray import RayBackend
 
         backend = RayBackend()
+    release_downloads()  # an earlier one this thread never trained from (its train() raised first)
     agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
     try:
         return _resume_path(backend, agreement, download_dir)
@@ -119,28 +131,52 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
         return None
     local, downloaded, error = None, None, None
     try:
-        if storage is None:
-            raise ValueError("this rank sees no run storage")
-        fs = storage[0]
-        root = choice["path"]
-        if fs.type_name != "local":
-            root = downloaded = tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir)
-            pafs.copy_files(choice["path"], root, source_filesystem=fs)
-        if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
-            raise ValueError(f"{root} has no {MANIFEST_FILE}")
-        local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])
-        if not os.path.isfile(os.path.join(local, TRAINER_STATE)):
-            raise ValueError(f"{local} has no {TRAINER_STATE}")
-    except Exception as exc:
-        logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
-    try:
+        try:
+            if storage is None:
+                raise ValueError("this rank sees no run storage")
+            fs = storage[0]
+            root = choice["path"]
+            if fs.type_name != "local":
+                root = downloaded = tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir)
+                pafs.copy_files(choice["path"], root, source_filesystem=fs)
+            if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
+                raise ValueError(f"{root} has no {MANIFEST_FILE}")
+            local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])
+            if not os.path.isfile(os.path.join(local, TRAINER_STATE)):
+                raise ValueError(f"{local} has no {TRAINER_STATE}")
+        except Exception as exc:
+            logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
+            error = f"rank {rank}: {type(exc).__name__}: {exc}"
         fail_together(agreement, error, choice["path"])
-    except CheckpointRestoreError:
+    except BaseException:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
         raise
+    if downloaded is not None:
+        _keep(downloaded)
     if rank == 0:
         logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", choice["kind"], choice["path"],
                     choice["step"])
     return local
+
+
+def _keep(path: str) -> None:
+    """Remember a download until the training that resumes from it (in this thread) has read it."""
+    global _at_exit
+    with _downloads_lock:
+        _downloads[path] = threading.get_ident()
+        if not _at_exit:  # registered on first use: importing this module changes nothing
+            _at_exit = True
+            atexit.register(release_downloads, everyone=True)
+
+
+def release_downloads(*, everyone: bool = False) -> None:
+    """Remove the checkpoints :func:`hf_resume_path` downloaded in this thread (``everyone``: in every
+    thread, as at interpreter exit)."""
+    me = threading.get_ident()
+    with _downloads_lock:
+        mine = [path for path, thread in _downloads.items() if everyone or thread == me]
+        for path in mine:
+            del _downloads[path]
+    for path in mine:
+        shutil.rmtree(path, ignore_errors=True)

@@ -14,6 +14,7 @@ Example (inside ``train_loop_per_worker``)::
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,8 @@ import torch
 
 from ._channel import Request
 from ._core import Backend, WorkerCore
-from ._hf_resume import SCHEDULER_FILE, hf_resume_path, weights_resume
+from ._hf_resume import SCHEDULER_FILE, hf_resume_path, release_downloads, weights_resume
+from ._local import LocalBackend
 from .config import DynamicCheckpointConfig, load_config
 from .state import write_manifest
 
@@ -53,6 +56,22 @@ STAGING_DIR = ".dyncheck-staging"
 # A rank's own files of checkpoint-N: its RNG state, and its shard of a DCP folder (FSDP's sharded
 # state dict: pytorch_model_fsdp_0/__<rank>_0.distcp, optimizer_0/...).
 _RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
+
+
+@dataclass
+class _Open:
+    """A callback's core from ``on_train_begin`` until it is closed, and the thread that trains with it."""
+
+    core: WorkerCore
+    thread: threading.Thread
+    owner: weakref.ref[DynamicCheckpointCallback]
+
+
+_open_lock = threading.Lock()
+_open: dict[int, _Open] = {}
+"""Every callback's open core, by ``id(core)``: what a ``train()`` that raised left behind is found
+here. Guarded by ``_open_lock`` (training threads; the interpreter's exit)."""
+_at_exit = False
 
 
 @dataclass
@@ -91,6 +110,21 @@ class DynamicCheckpointCallback(TrainerCallback):
 
     The trigger file and request folder are in the Ray run directory, not in ``output_dir``.
 
+    What the callback holds while training (the poller and commit threads on rank 0, a gloo side
+    group, a :class:`~ray_dyncheck.LocalBackend`'s store thread, a checkpoint :func:`hf_resume_path`
+    downloaded) is released in ``on_train_end``. HF calls no callback when ``train()`` raises, so
+    then, whichever comes first: the end of a ``with`` block around the callback (or
+    :meth:`close`); the next ``on_train_begin`` of any callback in the same thread (or of any callback
+    once the thread that trained has ended); interpreter exit (``atexit``). Requests it had claimed
+    stay claimed, for the next training or a restarted worker group. A downloaded checkpoint goes
+    at the first step (HF has read it all by then).
+
+    Example (the ``with`` block releases everything, also when ``train()`` raises)::
+
+        with rdc.DynamicCheckpointCallback(config["dynamic_checkpoint"]) as callback:
+            trainer = transformers.Trainer(..., callbacks=[callback])
+            trainer.train(resume_from_checkpoint=rdc.hf_resume_path())
+
     Args:
         config: The ``dynamic_checkpoint`` block (dict, YAML path or config), ``None`` for defaults.
         backend: Where to report; default: Ray Train (this must run inside a Ray Train worker).
@@ -105,6 +139,8 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._only_model_lock = threading.Lock()
         self._only_model_before: bool | None = None
         self._saved_step: int | None = None
+        self._first_step = False
+        """Set by ``on_train_begin``: the first step has not begun yet."""
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
 
@@ -118,6 +154,33 @@ class DynamicCheckpointCallback(TrainerCallback):
         self.__dict__.update(state)
         self._only_model_lock = threading.Lock()
 
+    def __enter__(self) -> DynamicCheckpointCallback:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(clean=exc_type is None)
+
+    def close(self, *, clean: bool = True) -> None:
+        """Release what this callback holds (see the class docstring); nothing when ``on_train_end``
+        did already. Call it from the thread that trained, after ``train()``. ``clean=False`` (after an
+        exception; what the ``with`` block passes then): requests claimed and not served stay
+        claimed, for the next training or a restarted worker group, and stores are waited for 10 s
+        at most. A later ``train()`` with this callback starts afresh."""
+        try:
+            self._release(clean)
+        finally:
+            release_downloads()
+
+    def _release(self, clean: bool) -> None:
+        """Close the core and end a LocalBackend's store thread; downloads are left alone (in
+        ``on_train_begin`` HF has not read the RNG states of the checkpoint it resumes from yet)."""
+        core, self._core, self._pending = self._core, None, None
+        if core is not None:
+            _forget(core)
+            _close(core, clean)
+        elif isinstance(self._backend, LocalBackend):
+            self._backend.close(timeout=0.0)
+
     # -- HF events (every rank) ----------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -126,13 +189,19 @@ class DynamicCheckpointCallback(TrainerCallback):
         if self.config.save_steps is not None and state.is_world_process_zero:
             logger.warning("dyncheck: dynamic_checkpoint.save_steps=%d is ignored with the HF callback: HF's "
                            "save_steps/save_strategy are the schedule", self.config.save_steps)
-        if self._core is None:
-            backend = self._backend
-            if backend is None:
-                from ._ray import RayBackend
+        # An earlier train() that raised (HF then calls no callback): its threads and side group go
+        # now, on this rank alone (no collective); its claims stay for the new core's poller.
+        if self._core is not None:
+            self._release(clean=False)
+        _release_leftovers()
+        backend = self._backend
+        if backend is None:
+            from ._ray import RayBackend
 
-                backend = RayBackend()
-            self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
+            backend = RayBackend()
+        self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
+        _track(self, self._core)
+        self._first_step = True
         self._core.start_at(state.global_step)
         self._finish_weights_resume(state, kwargs.get("lr_scheduler"))
 
@@ -141,6 +210,9 @@ class DynamicCheckpointCallback(TrainerCallback):
         # HF did not save at the step that asked (save_strategy="best" re-decides should_save): your
         # value while this step trains; the step's end asks again.
         self._restore_only_model(args)
+        if self._first_step:  # HF has read the checkpoint it resumed from, RNG states included
+            self._first_step = False
+            release_downloads()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -215,7 +287,13 @@ class DynamicCheckpointCallback(TrainerCallback):
                 logger.exception("dyncheck: rank %d could not stage %s for Ray", core.rank, source)
                 error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
             # One rank's error means no rank passes its files: half a checkpoint is never reported.
-            if core.agreement.any_rank(error is not None):
+            try:
+                failed = core.agreement.any_rank(error is not None)
+            except BaseException:
+                if directory is not None:  # a peer is gone: the error goes on up, the staged files go now
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            if failed:
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
                     directory = None
@@ -231,14 +309,13 @@ class DynamicCheckpointCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._restore_only_model(args)
-        if self._core is None:
-            return
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._core.abandon(pending.requests, state.global_step, pending.kind, pending.reason,
-                               "training ended before Trainer saved the checkpoint it was asked for")
-        self._core.close(clean=True)  # a normal end: requests no check served get "unserved"
-        self._core = None
+        try:
+            if self._core is not None and self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._core.abandon(pending.requests, state.global_step, pending.kind, pending.reason,
+                                   "training ended before Trainer saved the checkpoint it was asked for")
+        finally:
+            self.close(clean=True)  # a normal end: requests no check served get "unserved"
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -336,6 +413,45 @@ class DynamicCheckpointCallback(TrainerCallback):
                            "starts fresh%s; use on_interrupt: full for an exact resume", state.global_step,
                            resumed["path"], "" if resumed["scheduler"] is not None
                            else ", and so does the LR schedule (no scheduler.pt)")
+
+
+def _track(callback: DynamicCheckpointCallback, core: WorkerCore) -> None:
+    global _at_exit
+    with _open_lock:
+        _open[id(core)] = _Open(core, threading.current_thread(), weakref.ref(callback))
+        if not _at_exit:  # registered on first use: importing this module changes nothing
+            _at_exit = True
+            atexit.register(_release_leftovers, everyone=True)
+
+
+def _forget(core: WorkerCore) -> None:
+    with _open_lock:
+        _open.pop(id(core), None)
+
+
+def _release_leftovers(*, everyone: bool = False) -> None:
+    """Close the cores that ``train()`` calls which raised left open: those of this thread (it is
+    not in one of them: a thread trains once at a time), of threads that have ended, or (``everyone``,
+    at interpreter exit) all."""
+    me = threading.current_thread()
+    with _open_lock:
+        stale = [rec for rec in _open.values() if everyone or rec.thread is me or not rec.thread.is_alive()]
+    for rec in stale:
+        owner = rec.owner()
+        if owner is not None and owner._core is rec.core:
+            owner._release(clean=False)
+            continue
+        _forget(rec.core)
+        _close(rec.core, clean=False)
+
+
+def _close(core: WorkerCore, clean: bool) -> None:
+    """Close ``core``, then end its :class:`LocalBackend`'s store thread (the core waited for its stores)."""
+    try:
+        core.close(clean=clean)
+    finally:
+        if isinstance(core.backend, LocalBackend):
+            core.backend.close(timeout=0.0)
 
 
 def _owner(path: str) -> int:

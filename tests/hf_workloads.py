@@ -212,3 +212,104 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
     dist.destroy_process_group()
+
+
+def ours() -> dict:
+    """What of ours this process holds: ``dyncheck-*`` threads, process groups, ``dyncheck-*`` entries
+    of the temporary directory (torch puts its own caches there too)."""
+    import tempfile
+    import threading
+
+    import torch.distributed as dist
+
+    groups = len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else 0
+    return {"threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("dyncheck-")),
+            "groups": groups,
+            "tmp": sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dyncheck"))}
+
+
+def settled(baseline: dict, timeout: float = 5.0) -> dict:
+    """:func:`ours` once it is back to ``baseline`` (a stopped thread may take a moment to end), or as
+    it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    now = ours()
+    while now != baseline and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = ours()
+    return now
+
+
+def make_raise_callback(step: int):
+    """Raises out of ``Trainer.train()`` at the end of ``step`` (after every other callback)."""
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError(f"boom at step {step}")
+
+    return Boom()
+
+
+def leaks_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """HF ``Trainer.train()`` that raises at step 4, after a save at step 2 whose commit rank 0 waited
+    for (so the poller, the commit and store threads and the side group all exist), on real gloo
+    ranks. ``with``: the backend and the callback are context managers. ``next_train``: neither is;
+    a new training in the same thread releases what the one that raised left. Records :func:`ours`
+    at each point (and any error) in ``<out>/rank<r>.json``."""
+    import tempfile
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from transformers import Trainer, TrainingArguments
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    tempfile.tempdir = os.path.join(out, f"tmp{rank}")
+    os.makedirs(tempfile.tempdir)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    config = {"check_interval": 2, "poll_interval_s": 0.05}
+    record: dict = {"baseline": ours()}
+
+    def trainer(phase: str, callback, steps: int = 6, actions: dict | None = None, boom: int | None = None):
+        args = TrainingArguments(output_dir=os.path.join(out, phase), max_steps=steps, per_device_train_batch_size=4,
+                                 save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                                 ddp_find_unused_parameters=False)
+        callbacks = [callback, make_actions_callback({"actions": actions or {}}, run_dir, rank)]
+        if boom is not None:
+            callbacks.append(make_raise_callback(boom))
+        return Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), callbacks=callbacks)
+
+    def phase(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            record[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+        dist.barrier()
+
+    def next_train() -> None:
+        callback = rdc.DynamicCheckpointCallback(config, backend=rdc.LocalBackend(run_dir))
+        try:
+            trainer("raised", callback, actions={"1": ["touch"], "3": ["committed:1"]}, boom=4).train()
+        except RuntimeError as exc:
+            record["next_train_raised"] = str(exc)
+        record["next_train_left"] = ours()
+        again = rdc.DynamicCheckpointCallback(config, backend=rdc.LocalBackend(run_dir))
+        trainer("again", again, steps=2).train()
+        record["next_train"] = settled(record["baseline"])
+
+    def with_blocks() -> None:
+        try:
+            with rdc.LocalBackend(run_dir) as backend, rdc.DynamicCheckpointCallback(config, backend=backend) as cb:
+                trainer("with", cb, actions={"1": ["touch"], "3": ["committed:2"]}, boom=4).train()
+        except RuntimeError as exc:
+            record["with_raised"] = str(exc)
+        record["with"] = settled(record["baseline"])
+
+    phase("next_train", next_train)
+    phase("with", with_blocks)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()
