@@ -23,6 +23,7 @@ import torch
 
 from ._core import Backend, chosen_by_rank0, fail_together
 from ._files import read_capped
+from ._sharded import check_dcp_folder
 from .agree import Agreement
 from .state import MANIFEST_FILE, read_manifest, read_stored_manifest
 
@@ -144,6 +145,11 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
             local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])
             if not os.path.isfile(os.path.join(local, TRAINER_STATE)):
                 raise ValueError(f"{local} has no {TRAINER_STATE}")
+            # Accelerate loads an FSDP checkpoint's DCP folders with DCP's own reader, which unpickles
+            # freely: they are checked here first, so nothing from storage runs code.
+            for name in sorted(os.listdir(local)):
+                if os.path.isfile(os.path.join(local, name, ".metadata")):
+                    check_dcp_folder(os.path.join(local, name))
         except Exception as exc:
             logger.exception("dyncheck: rank %d could not get checkpoint %s", rank, choice["path"])
             error = f"rank {rank}: {type(exc).__name__}: {exc}"

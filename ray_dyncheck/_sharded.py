@@ -16,6 +16,7 @@ could otherwise run code on every rank at resume, and on the machine that export
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pickle
 import posixpath
@@ -248,6 +249,28 @@ def _safe_dcp() -> tuple[type, type, type]:
         load_bytes = safe_load_bytes
 
     return SafeReader, SafePlanner, SafeEmptyPlanner
+
+
+def check_dcp_folder(path: str) -> None:
+    """A DCP folder that another library will load with DCP's own reader (Accelerate's FSDP layout in
+    a Hugging Face checkpoint: ``pytorch_model_fsdp_0/``, ``optimizer_0/``): its ``.metadata`` through
+    the allow-list, every non-tensor item through ``torch.load(weights_only=True)``, before anything
+    unpickles them freely. Raises :class:`CheckpointRestoreError` naming the file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    reader_type, _, _ = _safe_dcp()
+    metadata = reader_type(path).read_metadata()
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        file = os.path.join(path, info.relative_path)
+        with open(file, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(raw), weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refuse_item(index.fqn, file, exc) from None
 
 
 def _refusal(exc: BaseException) -> BaseException:

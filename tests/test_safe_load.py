@@ -247,3 +247,27 @@ def test_manifest_names_outside_the_checkpoint_are_refused(tmp_path, where):
     with pytest.raises(ValueError, match=refused):
         rdc.export_checkpoint(str(ckpt), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_dcp_folder_another_library_loads_is_checked_first(tmp_path):
+    """Accelerate loads a Hugging Face FSDP checkpoint's DCP folders with DCP's own reader (which
+    unpickles freely): ``hf_resume_path`` checks each folder with ``check_dcp_folder`` first."""
+    from ray_dyncheck._sharded import check_dcp_folder
+
+    marker = tmp_path / "pwned"
+    model, opt = _trained()
+    _, write = _write_sharded_in_process(tmp_path / "good", model, opt)
+    write()
+    check_dcp_folder(str(tmp_path / "good" / "dcp"))  # an honest folder passes
+    state, write = _write_sharded_in_process(tmp_path / "item", model, opt)
+    state["optim"]["param_groups"][0]["lr"] = Touch(str(marker))
+    write()
+    with pytest.raises(rdc.CheckpointRestoreError, match=r"refused to load optim\.param_groups\.0\.lr from .*item/dcp/"):
+        check_dcp_folder(str(tmp_path / "item" / "dcp"))
+    shutil.copytree(tmp_path / "good", tmp_path / "meta")
+    path = tmp_path / "meta" / "dcp" / ".metadata"
+    path.write_bytes(pickle.dumps(Touch(str(marker))))
+    with pytest.raises(rdc.CheckpointRestoreError, match=r"meta/dcp/\.metadata"):
+        check_dcp_folder(str(tmp_path / "meta" / "dcp"))
+    assert not marker.exists(), "the payload ran"
