@@ -120,6 +120,7 @@ class SavePipeline:
         directory: str | None = None
         copier: HostCopier | None = None
         written: Future[dict[str, int]] | None = None
+        job: _Write | None = None
         try:
             if error is None and (self.sharded or self.rank == 0):
                 try:
@@ -135,7 +136,8 @@ class SavePipeline:
             if agreement.any_rank(error is not None):
                 error = error or "another rank could not capture its state (see its log)"
             if error is None and captured is not None and directory is not None and copier is not None:
-                written = self._submit(_Write(step, directory, captured, states, copier))
+                job = _Write(step, directory, captured, states, copier)
+                written = self._submit(job)
         finally:
             if written is None:  # never handed to the writer: its buffers are free for the next save
                 if copier is not None:
@@ -150,6 +152,15 @@ class SavePipeline:
             except FutureTimeout:
                 error = (f"rank {self.rank}: the write did not finish within commit_timeout_s={timeout:g} s "
                          "(storage hung?); raise commit_timeout_s if it is only slow")
+                assert job is not None
+                # Given up: the writer thread removes its folder if it ever finishes (not this thread,
+                # on a disk that may hang), and its host copy goes with it.
+                self._settle(job, exc=TimeoutError(error))
+                with self._lock:
+                    if job.started is None:  # still queued behind a hung write: its host copy goes now
+                        job.captured.tensors.clear()
+                        job.copier.release()
+                directory = None
             except Exception as exc:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             written = None

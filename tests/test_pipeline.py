@@ -192,9 +192,14 @@ def test_the_process_exits_while_a_write_hangs(tmp_path):
     assert "closed" in done.stdout
 
 
-def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog):
+def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog, monkeypatch):
     """``save_mode: sync`` waits for the write on the training thread: bounded by commit_timeout_s, then
-    the save fails (logged, nothing stored) and training goes on."""
+    the save fails (logged, nothing stored) and training goes on; the write given up removes its folder
+    once it ends."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     writes = HeldWrites(limit_s=120)
     dc, model, opt = _hook(tmp_path, writes, commit_timeout_s=1.0, save_mode="sync")
     _train(dc, model, opt)
@@ -209,3 +214,5 @@ def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplo
     assert "the write did not finish within commit_timeout_s=1 s" in caplog.text, caplog.text
     dc.close()
     assert _stored(tmp_path / "run") == {}
+    dc._pipeline._thread.join(30)
+    assert os.listdir(tmp_path / "tmp") == [], "the folder of the write given up is removed"
