@@ -59,18 +59,20 @@ SHUTDOWN_TIMEOUT_S = 15.0
 # watchdog process it cannot signal a recycled pid, and it dies with us. Its status says SIGALRM
 # (142), not the signal's: it only fires when the timer thread could not.
 ALARM_MARGIN_S = 1.5
+# How often the main thread looks for signals and for the end of fit().
+POLL_S = 0.05
 
 
 class _Signals:
-    """Records signals from the handler; the main thread pops them. No I/O in the handler."""
+    """Records signals from the handler; the main thread pops them. The handler only appends to a
+    deque: no I/O, and no lock (an ``Event.set()`` there could wait forever for the Event's own lock,
+    held by the main thread the handler interrupted)."""
 
     def __init__(self) -> None:
         self.received: collections.deque[tuple[int, float]] = collections.deque()
-        self.event = threading.Event()
 
     def handler(self, signum: int, _frame: Any) -> None:
         self.received.append((signum, time.monotonic()))
-        self.event.set()
 
     def pop(self, after: float) -> tuple[int, float] | None:
         """The oldest signal received at or after ``after``; earlier ones (duplicates) are dropped."""
@@ -173,7 +175,7 @@ def fit(
             _, late = _tidy(run_dir, box, None, recorder, 0.0)
             late = late or recorder.pop(0.0)  # one that came as fit() ended is not dropped either
             if late is not None and raise_on_interrupt and "error" not in box:
-                _stop_ray(late[0])  # Ctrl+C while we tidied up: the script stops, as it asked
+                _stop_ray(late[0], nums)  # Ctrl+C while we tidied up: the script stops, as it asked
                 _leave(late[0], ended)
             return _outcome(box)
         signum, t_sig = first
@@ -191,7 +193,7 @@ def fit(
                      else f"storage did not answer within {REQUEST_TIMEOUT_S:g} s")
             logger.error("dyncheck: cannot ask the workers to save: writing the interrupt request into %s "
                          "failed (%s); stopping without a save", run_dir, cause)
-            _stop_ray(signum)  # the workers were not told: stopping Ray stops them
+            _stop_ray(signum, nums)  # the workers were not told: stopping Ray stops them
             # A timed-out write is not cancelled and may still land: once it has ended (bounded), what
             # is in the request folder is answered, so nobody waits on a request to a stopped run.
             # If storage stays silent past the tidy deadline, the next fit() discards it as stale.
@@ -207,13 +209,19 @@ def fit(
             second = _wait(ended.is_set, recorder, time.monotonic() + grace, after)
         if not ended.is_set():
             _force_exit(signum, second, grace, rid, run_dir, written, nums)
-        receipt, _ = _tidy(run_dir, box, rid, recorder, after, write)
+        receipt, late = _tidy(run_dir, box, rid, recorder, after, write)
         logger.warning("dyncheck: stopped after the interrupt in %.1f s; %s", time.monotonic() - t_sig,
                        _where(receipt, box))
+        if late is not None:  # Ctrl+C again while we tidied up: no more waiting
+            _exit_now(signum)
         if raise_on_interrupt:
             if "error" in box:
+                if _Job.busy():  # raised into the interpreter's exit, a stuck storage call would hold it
+                    logger.error("dyncheck: fit() raised after the interrupt: %s: %s", type(box["error"]).__name__,
+                                 box["error"])
+                    _exit_now(signum)
                 raise box["error"]
-            _stop_ray(signum)
+            _stop_ray(signum, nums)
             _leave(signum, ended)
         return _outcome(box)
     finally:
@@ -245,14 +253,13 @@ def _wait(done: Callable[[], bool], recorder: _Signals, deadline: float | None,
           after: float = 0.0) -> tuple[int, float] | None:
     """Until ``done()`` (``None``), a signal arrives after ``after``, or the deadline (``None``)."""
     while not done():
-        recorder.event.clear()  # before the scan: a signal landing after it sets the event again
         sig = recorder.pop(after)
         if sig is not None:
             return sig
-        timeout = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        timeout = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
         if timeout <= 0:
             return None
-        recorder.event.wait(timeout)
+        time.sleep(timeout)  # a signal's handler runs within it; seen at the next scan
     return None
 
 
@@ -349,12 +356,16 @@ class _Watchdog:
         signal.signal(signal.SIGALRM, self._handler if self._handler is not None else signal.SIG_DFL)
 
 
-def _stop_ray(signum: int) -> None:
+def _stop_ray(signum: int, nums: Sequence[int] = ()) -> None:
     """Shut Ray down, within ``SHUTDOWN_TIMEOUT_S`` (else the process ends with the signal's status).
     The script is stopping as asked; left to Ray's atexit hook, the shutdown would turn an uncaught
-    KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130). Main thread (driver)."""
+    KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130). Meanwhile the signals
+    ``nums`` take the kernel's default action: one more Ctrl+C ends the process at once, instead of
+    waiting for the shutdown. Main thread (driver); ``fit`` restores the handlers afterwards."""
     import ray
 
+    for n in nums:
+        signal.signal(n, signal.SIG_DFL)
     watchdog = _Watchdog(SHUTDOWN_TIMEOUT_S, signum)
     try:
         ray.shutdown()

@@ -434,14 +434,14 @@ def _release_leftovers(*, everyone: bool = False) -> None:
     not in one of them: a thread trains once at a time), of threads that have ended, or (``everyone``,
     at interpreter exit) all."""
     me = threading.current_thread()
-    with _open_lock:
-        stale = [rec for rec in _open.values() if everyone or rec.thread is me or not rec.thread.is_alive()]
+    with _open_lock:  # taken out under the lock: two threads (or atexit) never close the same core
+        keys = [k for k, rec in _open.items() if everyone or rec.thread is me or not rec.thread.is_alive()]
+        stale = [_open.pop(k) for k in keys]
     for rec in stale:
         owner = rec.owner()
         if owner is not None and owner._core is rec.core:
             owner._release(clean=False)
             continue
-        _forget(rec.core)
         _close(rec.core, clean=False)
 
 
