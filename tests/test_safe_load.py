@@ -263,7 +263,8 @@ def test_a_dcp_folder_another_library_loads_is_checked_first(tmp_path):
     state, write = _write_sharded_in_process(tmp_path / "item", model, opt)
     state["optim"]["param_groups"][0]["lr"] = Touch(str(marker))
     write()
-    with pytest.raises(rdc.CheckpointRestoreError, match=r"refused to load optim\.param_groups\.0\.lr from .*item/dcp/"):
+    refused = r"refused to load optim\.param_groups\.0\.lr from .*item/dcp/"
+    with pytest.raises(rdc.CheckpointRestoreError, match=refused):
         check_dcp_folder(str(tmp_path / "item" / "dcp"))
     shutil.copytree(tmp_path / "good", tmp_path / "meta")
     path = tmp_path / "meta" / "dcp" / ".metadata"
