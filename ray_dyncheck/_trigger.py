@@ -125,7 +125,8 @@ class Trigger:
             data = None
         identity = data.get("identity") if isinstance(data, dict) else None
         stored = identity if isinstance(identity, list) else None
-        if self._served is not None and self._note(stored) is not True and self._served != stored:
+        self._note(stored)
+        if self._served is not None and self._served != stored:
             self._dirty = True  # a claim recovered before this load holds a newer version: store it
         self._served_loaded = True
 

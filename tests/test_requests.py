@@ -527,3 +527,14 @@ def test_a_stale_trigger_claim_gets_a_discarded_receipt(run):
     [(rid, got)] = receipts(run).items()
     assert rid.startswith("trigger-") and got["status"] == "discarded"
     assert "written before this run started" in got["error"]
+
+
+def test_the_served_version_is_read_back_after_a_restart(tmp_path, run):
+    """The served record alone keeps a version from firing again (its claim and receipt gone)."""
+    run_fs, trigger, new_channel = _elsewhere(tmp_path)
+    trigger.touch()
+    ch = new_channel()
+    [req] = ch.poll()
+    ch.retire([req], {"status": "ok", "step": 3})
+    (run / ".dyncheck" / "receipts" / f"{req.id}.json").unlink()  # e.g. receipts cleaned up
+    assert new_channel().poll() == []
