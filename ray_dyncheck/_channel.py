@@ -67,7 +67,7 @@ class RequestChannel:
         self.max_attempts = max_attempts
         # No I/O here (the constructor runs on the training thread): a URI's filesystem is made at the
         # first poll, on the poller thread.
-        self.trigger = Trigger(fs, self.run_dir, trigger_file_path, discard=self._discard)
+        self.trigger = Trigger(fs, self.run_dir, trigger_file_path, discard=self._discard, answered=self._answered)
         self._trigger_blocked = True
         """Until a rescan has read every trigger claim: their versions must be known before a poll of the
         trigger (a version claimed before a restart must not fire again)."""
@@ -208,6 +208,10 @@ class RequestChannel:
             delete_quietly(self.fs, info.path)
             return None
         return req
+
+    def _answered(self, rid: str) -> bool:
+        receipt = self._receipt(rid)
+        return receipt is not None and receipt.get("status") in FINAL_STATUSES
 
     def _receipt(self, rid: str) -> dict[str, Any] | None:
         """The receipt written for ``rid``, or ``None``. A storage error raises: the caller must not

@@ -127,6 +127,18 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_json_strict(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """Like :func:`read_json`, but a storage error raises: for records whose "cannot read now" must
+    not be taken for "not there" (the caller retries)."""
+    try:
+        data = json.loads(read_capped(fs, path).decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # too big, or not JSON
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_json_large(fs: pafs.FileSystem, path: str, cap: int = 64 * 1024 * 1024) -> dict[str, Any] | None:
     """Like :func:`read_json` for a file another program writes that grows with the run (Ray's
     checkpoint registry): capped at 64 MiB."""

@@ -23,7 +23,6 @@ probe object of ours on each store gives the offset). Nothing here imports Ray.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 import secrets
@@ -36,15 +35,13 @@ import pyarrow.fs as pafs
 from ._files import (
     CHANNEL_DIR,
     CLAIMED,
-    FINAL_STATUSES,
-    RECEIPTS,
     RUN_MARKER,
     Request,
     delete_quietly,
     ensure_dir,
     filesystem_from_uri,
     new_id,
-    read_capped,
+    read_json_strict,
     utc_now,
     write_json,
 )
@@ -72,11 +69,13 @@ class Trigger:
             absolute path, or a URI. A URI's filesystem is made at the first poll, on the poller
             thread (it may look the bucket's region up), never in the constructor.
         discard: ``discard(claim path, id, why)``: answers a claim ``discarded`` and removes it.
+        answered: ``answered(id)``: whether that request has its final receipt (a storage error raises).
     """
 
     def __init__(self, fs: pafs.FileSystem, run_dir: str, spec: str,
-                 discard: Callable[[str, str, str], None]) -> None:
-        self.run_fs, self.run_dir, self.spec, self._discard = fs, run_dir.rstrip("/"), spec, discard
+                 discard: Callable[[str, str, str], None], answered: Callable[[str], bool]) -> None:
+        self.run_fs, self.run_dir, self.spec = fs, run_dir.rstrip("/"), spec
+        self._discard, self._answered = discard, answered
         self.fs: pafs.FileSystem | None = None
         self.path = spec if "://" in spec else (
             posixpath.normpath(spec) if posixpath.isabs(spec) else posixpath.normpath(f"{self.run_dir}/{spec}"))
@@ -117,25 +116,19 @@ class Trigger:
         trigger without it could serve an old version again."""
         if self._served_loaded:
             return
-        try:
-            data = json.loads(read_capped(self.run_fs, self._served_path()).decode("utf-8"))
-        except FileNotFoundError:
-            data = None
-        except ValueError:  # a corrupt record: the start marker still guards older versions
-            data = None
-        identity = data.get("identity") if isinstance(data, dict) else None
+        # A corrupt record reads as none: the start marker still guards older versions.
+        data = read_json_strict(self.run_fs, self._served_path())
+        identity = data.get("identity") if data is not None else None
         stored = identity if isinstance(identity, list) else None
         self._note(stored)
         if self._served is not None and self._served != stored:
             self._dirty = True  # a claim recovered before this load holds a newer version: store it
         self._served_loaded = True
 
-    def _note(self, identity: list[Any] | None) -> bool | None:
-        """Keep the newest of the served versions seen (by modification time): ``True`` if
-        ``identity`` became the newest, ``False`` if not, ``None`` if it is not a version."""
-        if identity is None or len(identity) != 3:
-            return None
-        if identity == self._served:
+    def _note(self, identity: list[Any] | None) -> bool:
+        """Keep the newest of the served versions seen (by modification time): whether ``identity``
+        became the newest."""
+        if identity is None or len(identity) != 3 or identity == self._served:
             return False
         if self._served is None or (identity[1] or 0) >= (self._served[1] or 0):
             self._served = identity
@@ -182,13 +175,8 @@ class Trigger:
         """The run's start on the trigger's store's clock, measured once per run and kept under
         ``RUN/.dyncheck/`` with the run's marker (a worker restart reuses it)."""
         record_path = posixpath.join(self.run_dir, TRIGGER_START)
-        try:
-            record = json.loads(read_capped(self.run_fs, record_path).decode("utf-8"))
-        except FileNotFoundError:
-            record = None
-        except ValueError:
-            record = None
-        if (isinstance(record, dict) and record.get("run_marker") == run_marker
+        record = read_json_strict(self.run_fs, record_path)
+        if (record is not None and record.get("run_marker") == run_marker
                 and record.get("trigger") == self.spec and isinstance(record.get("start"), (int, float))):
             return float(record["start"])
         # The offset between the two stores' clocks, from one probe on each, written back to back:
@@ -291,15 +279,6 @@ class Trigger:
             logger.error("dyncheck: trigger %s is acted on once but it is a directory, not a file; it will not "
                          "fire again until it changes. Remove it and touch a file instead.", self.path)
         return Request(id=rid, source="trigger", path=dest, identity=tuple(identity))
-
-    def _answered(self, rid: str) -> bool:
-        try:
-            data = json.loads(read_capped(self.run_fs, posixpath.join(self.run_dir, RECEIPTS, f"{rid}.json")))
-        except FileNotFoundError:
-            return False
-        except ValueError:
-            return False
-        return isinstance(data, dict) and data.get("status") in FINAL_STATUSES
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
