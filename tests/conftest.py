@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Ray instance per test module that needs it; env and handlers restored."""
+"""Shared fixtures: one real Ray instance per test module that needs it; env and handlers restored; an S3
+server on loopback per module, with an HTTP-aware fault proxy in front of it per test."""
 
 from __future__ import annotations
 
@@ -43,3 +44,24 @@ def ray_local():
         ray.shutdown()
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    """moto's S3 server on 127.0.0.1 with a bucket named ``bucket``, for this module; its port."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._common import s3_server  # the S3 server on loopback, shared with the benchmarks
+
+    with s3_server() as (port, _):
+        yield port
+
+
+@pytest.fixture
+def proxy(moto_port):
+    """An :class:`http_proxy.HttpFaultProxy` in front of the module's S3 server, for this test."""
+    from http_proxy import HttpFaultProxy
+
+    with HttpFaultProxy(upstream=("127.0.0.1", moto_port)) as p:
+        yield p

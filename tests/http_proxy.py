@@ -222,10 +222,7 @@ def _reset(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-    try:
-        sock.close()
-    except OSError:
-        pass
+    _quietly(sock.close)
 
 
 def _gone(sock: socket.socket) -> bool:
@@ -240,12 +237,14 @@ def _gone(sock: socket.socket) -> bool:
 def _close(sock: socket.socket | None) -> None:
     if sock is None:
         return
+    _quietly(sock.shutdown, socket.SHUT_RDWR)
+    _quietly(sock.close)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    """A socket call whose failure (the peer already gone) changes nothing."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
+        fn(*args)
     except OSError:
         pass
 

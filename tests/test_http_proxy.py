@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import time
 import uuid
@@ -13,21 +12,6 @@ import uuid
 import pyarrow.fs as pafs
 import pytest
 from http_proxy import HttpFaultProxy
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import s3_server  # noqa: E402  (the S3 server on loopback, shared)
-
-
-@pytest.fixture(scope="module")
-def moto_port():
-    with s3_server() as (port, _):
-        yield port
-
-
-@pytest.fixture
-def proxy(moto_port):
-    with HttpFaultProxy(upstream=("127.0.0.1", moto_port)) as p:
-        yield p
 
 
 @pytest.fixture

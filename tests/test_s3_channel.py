@@ -8,8 +8,6 @@ No Ray: the channel runs as rank 0's poller would run it, on a bounded S3 filesy
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
 import uuid
@@ -20,21 +18,6 @@ from http_proxy import HttpFaultProxy
 
 from ray_dyncheck._channel import RequestChannel
 from ray_dyncheck._files import RUN_MARKER, bounded
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import s3_server  # noqa: E402  (the S3 server on loopback, shared)
-
-
-@pytest.fixture(scope="module")
-def moto_port():
-    with s3_server() as (port, _):
-        yield port
-
-
-@pytest.fixture
-def proxy(moto_port):
-    with HttpFaultProxy(upstream=("127.0.0.1", moto_port)).start() as p:
-        yield p
 
 
 def s3(endpoint: str) -> pafs.FileSystem:
