@@ -88,6 +88,14 @@ def wait_for(cond, what: str, timeout: float = 90.0):
         time.sleep(0.25)
 
 
+def commits(out, reason: str) -> list[dict]:
+    """Rank 0's commits with that reason so far (``commits.log`` is created at its first commit, which may
+    come after the test's first look)."""
+    log = out / "commits.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [c for c in map(json.loads, lines) if c["reason"] == reason]
+
+
 def reported(result):
     return sorted(((c.get_metadata()["step"], c.get_metadata(), c.path) for c, _ in result.best_checkpoints),
                   key=lambda t: t[0])
@@ -207,9 +215,7 @@ def test_preemption_notice_saves_before_the_deadline_and_the_restarted_group_res
     accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                    "test: spot reclaim", int(deadline * 1000))
     assert accepted, why
-    commits = wait_for(lambda: [c for c in map(json.loads, (out / "commits.log").read_text().splitlines())
-                                if c["reason"] == "preemption"], "the preemption checkpoint", deadline_s)
-    [commit] = commits
+    [commit] = wait_for(lambda: commits(out, "preemption"), "the preemption checkpoint", deadline_s)
     assert commit["kind"] == "full"
     assert commit["committed_at"] < deadline, "committed before the deadline"
     print(f"preemption checkpoint: step {commit['step']}, committed {deadline - commit['committed_at']:.1f} s "
