@@ -208,6 +208,11 @@ class WorkerCore:
                     self.channel.trigger.path, run_dir, self.config.check_interval)
 
     @property
+    def current_interval(self) -> int:
+        """Steps between checks now (every rank)."""
+        return self.interval if self._auto is not None else int(self.config.check_interval)
+
+    @property
     def in_flight(self) -> bool:
         """This rank has a save whose files are not yet written and stored (its host copy is held)."""
         return self._receipts.storing > 0

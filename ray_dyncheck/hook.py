@@ -91,7 +91,7 @@ class DynamicCheckpoint:
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
         check_supported(unwrap_model(model))
-        self.global_step = 0
+        self._step = 0
         self.should_stop = False
         self._save_steps = self.config.save_steps
         self._core = WorkerCore(self.config, backend)  # collective: every rank constructs it here
@@ -106,6 +106,49 @@ class DynamicCheckpoint:
     def saves(self) -> list[dict[str, Any]]:
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         return self._core.saves
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done (set by :meth:`restore`, counted by :meth:`step`). Setting it (every rank,
+        the same value: training resumes after that step from state of your own) moves the next check to
+        the next multiple of ``check_interval`` after it."""
+        return self._step
+
+    @global_step.setter
+    def global_step(self, step: int) -> None:
+        self._step = int(step)
+        self._core.start_at(self._step)
+
+    @property
+    def check_interval(self) -> int:
+        """Steps between checks now: ``check_interval``, or what ``auto`` agreed on last."""
+        return self._core.current_interval
+
+    @property
+    def reads_requests(self) -> bool:
+        """Whether this rank reads the run's triggers and requests (world rank 0 alone, when enabled and
+        the run has a directory)."""
+        return self._core.poller is not None
+
+    @property
+    def pending_requests(self) -> int:
+        """Rank 0: requests claimed and not yet served by a save (0 on other ranks)."""
+        return self._core.poller.pending_count() if self._core.poller is not None else 0
+
+    @property
+    def in_flight(self) -> bool:
+        """This rank has a save whose files are not yet written and stored (``save_mode: async``)."""
+        return self._core.in_flight
+
+    @property
+    def last_blocked_s(self) -> float:
+        """Seconds the newest save blocked training on this rank."""
+        return self._pipeline.last_blocked_s
+
+    def wait_stored(self) -> None:
+        """Until this rank's newest save is written and stored (bounded: it logs an error and returns
+        after ``commit_timeout_s`` plus a minute, or half of ``collective_timeout_s``)."""
+        self._core.wait_stored()
 
     def __enter__(self) -> DynamicCheckpoint:
         return self
@@ -179,8 +222,7 @@ class DynamicCheckpoint:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             fail_together(agreement, error, path)
         assert info is not None  # loaded here, or raised above
-        self.global_step = info.step
-        self._core.start_at(info.step)
+        self.global_step = info.step  # the next check follows it
         if self.rank == 0:
             logger.info("dyncheck: resumed from %s checkpoint at step %d (%s)", info.kind, info.step, choice["path"])
             if info.kind == "weights" and self.optimizer is not None:
@@ -218,10 +260,10 @@ class DynamicCheckpoint:
         Returns the agreed decision at a check step, else ``None``.
         """
         t_enter = time.perf_counter()
-        self.global_step += 1
-        if self._save_steps is None and self._core.tick(self.global_step, t_enter):
+        self._step += 1
+        step = self._step
+        if self._save_steps is None and self._core.tick(step, t_enter):
             return None  # most steps: no check due, no schedule
-        step = self.global_step
         decision, requests = self._core.check(step)
         scheduled = self._save_steps is not None and step % self._save_steps == 0
         saving = (decision is not None and decision.save) or scheduled
