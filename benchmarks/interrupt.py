@@ -248,7 +248,7 @@ def _cell(st: dict[str, Any], unit: str = " s", digits: int = 2) -> str:
 
 
 def table(result: dict[str, Any]) -> list[str]:
-    """Markdown lines for the README's Performance section."""
+    """Markdown lines for the Performance page's interrupt table (docs/performance.md)."""
     if result.get("skipped") or not result.get("summary"):
         return [f"Graceful interrupt: skipped ({result.get('skipped', 'no trials')})."]
     s = result["summary"]
