@@ -144,8 +144,9 @@ def main() -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
         ray.init()
-    else:  # a local, embedded Ray
-        ray.init(address="local", num_cpus=max(2, args.num_workers), include_dashboard=False)  # never a stale one
+    else:  # a local, embedded Ray (never a stale one), with its dashboard: Ray Train's placement-group
+        # cleaner asks the State API (served by the dashboard) every second and warns each time it cannot
+        ray.init(address="local", num_cpus=max(2, args.num_workers))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "save_steps": args.save_steps, "step_time": args.step_time,

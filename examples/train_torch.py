@@ -116,8 +116,10 @@ def main() -> int:
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join that cluster
         ray.init()
     else:  # a local, embedded Ray: address="local" starts a new one even if a stale `ray start` left
-        # its address file behind (ray.init() alone would try to join that dead cluster)
-        ray.init(address="local", num_cpus=max(2, args.num_workers), include_dashboard=False)
+        # its address file behind (ray.init() alone would try to join that dead cluster). With its
+        # dashboard: Ray Train's placement-group cleaner asks the State API (served by the dashboard)
+        # every second whether the controller lives, and without one logs a warning each time.
+        ray.init(address="local", num_cpus=max(2, args.num_workers))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"steps": args.steps, "step_time": args.step_time,
