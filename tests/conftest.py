@@ -1,12 +1,34 @@
 """Shared fixtures: one real Ray instance per test module that needs it; env and handlers restored; an S3
-server on loopback per module, with an HTTP-aware fault proxy in front of it per test."""
+server on loopback per module, with an HTTP-aware fault proxy in front of it per test.
+
+The tiers are folders: ``unit`` (one process: no Ray, no process groups, no subprocesses), ``gloo``
+(real processes: gloo process groups, CLIs, the S3 server), ``ray`` (a local Ray) and ``cluster``
+(several Ray nodes). Each test gets its folder's markers here. The helper modules live in ``harness``
+and import as top-level names (Ray workers get some of them by value, subprocesses by path)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+HARNESS = os.path.join(TESTS, "harness")
+if HARNESS not in sys.path:
+    sys.path.insert(0, HARNESS)
+
+# The markers each tier's folder gives its tests (registered in pyproject.toml).
+TIER_MARKERS = {"gloo": ("gloo",), "ray": ("ray",), "cluster": ("ray", "cluster")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        rel = os.path.relpath(str(item.path), TESTS)
+        folder = rel.split(os.sep, 1)[0] if os.sep in rel else ""
+        for name in TIER_MARKERS.get(folder, ()):
+            item.add_marker(name)
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +71,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def moto_port():
     """moto's S3 server on 127.0.0.1 with a bucket named ``bucket``, for this module; its port."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(TESTS))
     from benchmarks._common import s3_server  # the S3 server on loopback, shared with the benchmarks
 
     with s3_server() as (port, _):

@@ -15,8 +15,6 @@ import pytest
 from faultfs import fault_fs, set_plan
 from ray_workloads import train_fn
 
-pytestmark = pytest.mark.ray
-
 REQUEST = 'request:{{"id": "{}"}}'
 UPLOAD_FAILS = json.dumps([{"op": "open_output_stream", "path": "/checkpoint_", "action": "raise", "rank": 0}])
 UPLOAD_HANGS = json.dumps([{"op": "open_output_stream", "path": "trainer_state.pt", "action": "hang",

@@ -19,12 +19,9 @@ import time
 import urllib.request
 
 import pytest
+from drivers import DRIVER
 
 from ray_workloads import train_fn
-
-pytestmark = pytest.mark.ray
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +110,7 @@ def test_spread_over_nodes_trigger_metrics_interrupt_and_resume(cluster, tmp_pat
     actions = {"5": ["touch_at:" + trigger], "20": [f"wait_file:{go}"]}
     env = {**os.environ, "RAY_ADDRESS": c.address}
     driver = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "interrupt_driver.py"), str(storage), "mn", str(out), str(ready),
+        [sys.executable, DRIVER, str(storage), "mn", str(out), str(ready),
          json.dumps(dc), "100000", json.dumps({"actions": actions, "placement": "STRICT_SPREAD"})],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs: list[str] = []

@@ -6,12 +6,9 @@ import json
 import os
 import time
 
-import pytest
 import torch
 
 from ray_workloads import train_fn
-
-pytestmark = pytest.mark.ray
 
 
 def fit(storage, name, out, *, steps, dc, actions=None, step_time=0.02):

@@ -14,8 +14,6 @@ import torch
 
 from hf_workloads import train_fn
 
-pytestmark = pytest.mark.ray
-
 STEPS = 20
 HF_FILES = {".metadata.json", "config.json", "dyncheck.json", "generation_config.json", "model.safetensors",
             "trainer_state.json", "training_args.bin"}

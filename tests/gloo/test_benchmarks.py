@@ -9,11 +9,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from benchmarks import checks  # noqa: E402
-from benchmarks._common import paired_ratio  # noqa: E402
 from benchmarks.run import SECTIONS, check_shape  # noqa: E402
 
 
@@ -36,16 +35,3 @@ def test_smoke_run_writes_every_section_with_its_shape(tmp_path):
     for name, section in results["sections"].items():
         assert section["table"], name
     assert proc.stdout.count("## ") == len(SECTIONS)
-
-
-def test_shape_check_names_what_is_missing():
-    good = {"machine": {}, "mode": "smoke", "sections": {"save": {"mode": "smoke", "seconds": 1.0, "result": {}}}}
-    assert check_shape(good) == []
-    bad = {"mode": "smoke", "sections": {"save": {"mode": "smoke", "seconds": "1", "result": {}}}}
-    assert check_shape(bad) == ["missing 'machine'", "sections.save.seconds: expected float, got '1'"]
-
-
-def test_paired_ratio_is_the_median_per_round_difference():
-    r = paired_ratio([1.1, 1.2, 1.0, 1.1], [1.0, 1.0, 1.0, 1.0])
-    assert abs(r["median"] - 0.1) < 1e-9 and r["n"] == 4
-    assert r["lo"] <= r["median"] <= r["hi"]

@@ -12,13 +12,11 @@ import signal
 import pytest
 import safetensors.torch
 import torch
-from test_interrupt import KILLED_BY_SIGINT, finish, start_driver, wait_ready
+from drivers import KILLED_BY_SIGINT, finish, start_driver, wait_ready
 
 from faultfs import fault_fs, set_plan
 from ray_dyncheck import cli
 from ray_workloads import train_fn
-
-pytestmark = pytest.mark.ray
 
 DC = {"check_interval": 5, "poll_interval_s": 0.1, "collective_timeout_s": 60}
 

@@ -11,9 +11,7 @@ import tempfile
 
 import pytest
 
-pytestmark = pytest.mark.ray
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.timeout(300)

@@ -1,57 +1,21 @@
 """``rdc.fit`` when the run's storage fails under the driver: real driver processes (local Ray, a real
 TorchTrainer with 2 CPU workers) storing the run on ``faultfs`` (a real pyarrow filesystem that raises
-or hangs on chosen calls, here only in the driver process), signalled like a terminal would. First,
-without Ray: the main thread's wait never drops a signal."""
+or hangs on chosen calls, here only in the driver process), signalled like a terminal would."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import threading
 import time
 
-import pytest
-from test_interrupt import KILLED_BY_SIGINT, finish, start_driver, wait_ready, weights_checkpoints
+from drivers import KILLED_BY_SIGINT, finish, start_driver, wait_ready, weights_checkpoints
 
 from faultfs import hits, set_plan
-from ray_dyncheck import driver
 
 REQUEST_WRITE = {"op": "open_output_stream", "path": ".dyncheck/requests", "rank": "driver"}
 
 
-def test_wait_hands_out_every_signal_once_in_order():
-    rec = driver._Signals()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        rec.handler(signum, None)
-    never = lambda: False  # noqa: E731
-    assert [driver._wait(never, rec, time.monotonic() + 1)[0] for _ in range(2)] == [signal.SIGINT, signal.SIGTERM]
-    assert driver._wait(never, rec, time.monotonic() + 0.2) is None
-
-    def lands_mid_loop():  # a signal that arrives while the wait is between its checks
-        if not rec.received and not landed:
-            landed.append(1)
-            rec.handler(signal.SIGINT, None)
-        return False
-
-    landed: list[int] = []
-    assert driver._wait(lands_mid_loop, rec, time.monotonic() + 1)[0] == signal.SIGINT
-    threading.Timer(0.3, rec.handler, args=(signal.SIGTERM, None)).start()  # one during the sleep
-    t0 = time.monotonic()
-    assert driver._wait(never, rec, time.monotonic() + 5)[0] == signal.SIGTERM
-    assert time.monotonic() - t0 < 1.0
-
-
-def test_wait_drops_duplicates_inside_the_debounce():
-    rec = driver._Signals()
-    rec.handler(signal.SIGINT, None)
-    (_, t_first) = driver._wait(lambda: False, rec, None)
-    rec.handler(signal.SIGINT, None)  # the terminal's copy, milliseconds later
-    assert driver._wait(lambda: False, rec, time.monotonic() + 0.2, after=t_first + driver.DEBOUNCE_S) is None
-    assert not rec.received
-
-
-@pytest.mark.ray
 def test_second_sigint_exits_within_seconds_while_the_request_write_hangs(tmp_path):
     plan = tmp_path / "plan.json"
     set_plan(plan, [{**REQUEST_WRITE, "action": "hang", "seconds": 3600}])
@@ -73,7 +37,6 @@ def test_second_sigint_exits_within_seconds_while_the_request_write_hangs(tmp_pa
     print(f"second SIGINT -> driver exit {elapsed:.2f} s (request write hung)")
 
 
-@pytest.mark.ray
 def test_failed_request_write_stops_cleanly_without_a_save(tmp_path):
     plan = tmp_path / "plan.json"
     set_plan(plan, [{**REQUEST_WRITE, "action": "raise"}])
@@ -96,7 +59,6 @@ def test_failed_request_write_stops_cleanly_without_a_save(tmp_path):
     print(f"SIGINT with a failing request write -> driver exit {elapsed:.1f} s")
 
 
-@pytest.mark.ray
 def test_requests_left_when_the_run_ends_get_unserved_receipts(tmp_path):
     # Rank 0 cannot list the request folder, so only the driver can answer what lands there.
     plan = tmp_path / "plan.json"
@@ -115,7 +77,6 @@ def test_requests_left_when_the_run_ends_get_unserved_receipts(tmp_path):
     assert "1 request(s) left in" in log and "answered 'unserved': left-1" in log
 
 
-@pytest.mark.ray
 def test_a_request_write_that_lands_after_the_driver_gave_up_is_answered(tmp_path):
     # The write takes 9 s: the driver stops without a save at 5 s, and the request lands afterwards.
     plan = tmp_path / "plan.json"

@@ -97,19 +97,6 @@ def test_async_save_lets_training_go_on_and_a_request_meanwhile_waits(tmp_path):
     assert sorted(r["step"] for r in got) == steps and all(r["status"] == "ok" for r in got), got
 
 
-@pytest.mark.timeout(120)
-def test_fsdp1_and_deepspeed_are_refused_when_the_hook_is_created(tmp_path):
-    class FullyShardedDataParallel(torch.nn.Module):  # what FSDP1's wrapper is called
-        pass
-
-    class DeepSpeedEngine(torch.nn.Module):
-        pass
-
-    for wrapper, words in ((FullyShardedDataParallel, "FSDP1"), (DeepSpeedEngine, "DeepSpeed")):
-        with pytest.raises(ValueError, match=f"{words}.*Supported: .*fully_shard"):
-            rdc.DynamicCheckpoint({"enabled": False}, model=wrapper(), backend=rdc.LocalBackend(str(tmp_path)))
-
-
 @pytest.mark.timeout(300)
 def test_plain_checkpoint_loads_into_the_same_model_sharded(tmp_path):
     """A plain-layout checkpoint (unsharded model) into FSDP2 at 2 ranks: weights and optimizer state
