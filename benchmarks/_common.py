@@ -1,5 +1,6 @@
-"""What every benchmark section shares: ratio statistics, the machine record, free ports, the S3
-server on loopback, and a small local Ray run that writes JSON back to the caller.
+"""What every benchmark section shares: ratio statistics, the machine record, free ports and a small
+local Ray run that writes JSON back to the caller. (The S3 server on loopback is the tests' own:
+``tests/harness/s3_local.py``.)
 
 Every figure the benchmarks publish is a ratio or a difference measured within one run, with a
 spread, because the machines these run on are shared and noisy.
@@ -15,12 +16,8 @@ import random
 import shutil
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MODES = ("smoke", "quick", "full")
@@ -95,57 +92,6 @@ def machine() -> dict[str, Any]:
         except Exception:  # not installed: recorded as missing
             info[name] = None
     return info
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-          "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@contextmanager
-def s3_server(log: str | None = None) -> Iterator[tuple[int, str]]:
-    """moto's S3 server on 127.0.0.1 with a bucket named ``bucket``; yields ``(port, log path)``. The
-    log holds one line per HTTP request the server answered (to count storage requests); one made here
-    is removed afterwards. Stopped by pid. The tests' S3 fixture uses it too."""
-    port = free_port()
-    own_log = log is None
-    log = log or tempfile.mktemp(prefix="dyncheck-moto-", suffix=".log")
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    with open(log, "w") as out:
-        server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
-    saved = dict(os.environ)
-    os.environ.update(S3_ENV)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"moto server did not start (see {log})") from None
-                time.sleep(0.2)
-        s3fs(port, create=True).create_dir("bucket")
-        yield port, log
-    finally:
-        server.terminate()
-        server.wait(30)
-        os.environ.clear()
-        os.environ.update(saved)
-        if own_log:
-            os.remove(log)
-
-
-def s3fs(port: int, create: bool = False) -> Any:
-    import pyarrow.fs as pafs
-
-    return pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                             allow_bucket_creation=create)
-
-
-def count_requests(log: str) -> int:
-    """HTTP requests the S3 server logged so far (werkzeug's access lines)."""
-    with open(log, errors="replace") as f:
-        return sum(1 for line in f if '" 2' in line or '" 3' in line or '" 4' in line)
 
 
 def ray_run(train_fn: Callable[[dict[str, Any]], None], config: dict[str, Any], *, num_workers: int = 2,

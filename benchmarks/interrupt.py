@@ -1,12 +1,12 @@
 """P4: how long a graceful interrupt takes, next to Ray's own abort, on real processes and a real SIGINT.
 
-Each trial starts ``benchmarks/interrupt_driver.py`` as its own process (and session): a local Ray, a
-TorchTrainer with 2 CPU workers (gloo, DDP), a small MLP, ~20 ms steps, ``rdc.DynamicCheckpoint`` in
-the workers with a scheduled full save every ``SAVE_STEPS`` steps and everything else at its default
-(``check_interval: auto``, ``poll_interval_s: 1``, ``on_interrupt: weights``). Once world rank 0 has
-seen the first scheduled checkpoint committed and run 5 more steps it writes a ready file; then SIGINT
-goes to the driver's process group, as Ctrl+C in a terminal does. Two variants, interleaved trial by
-trial (ours, plain, ours, plain, ...):
+Each trial starts ``tests/harness/interrupt_driver.py`` (its ``progress`` workload) as its own process
+(and session): a local Ray, a TorchTrainer with 2 CPU workers (gloo, DDP), a small MLP, ~20 ms steps,
+``rdc.DynamicCheckpoint`` in the workers with a scheduled full save every ``SAVE_STEPS`` steps and
+everything else at its default (``check_interval: auto``, ``poll_interval_s: 1``, ``on_interrupt:
+weights``). Once world rank 0 has seen the first scheduled checkpoint committed and run 5 more steps it
+writes a ready file; then SIGINT goes to the driver's process group, as Ctrl+C in a terminal does. Two
+variants, interleaved trial by trial (ours, plain, ours, plain, ...):
 
   ours   the driver runs ``rdc.fit(trainer)``: a weights-only save, then a clean stop
   plain  the driver runs ``trainer.fit()``: Ray's own SIGINT handler aborts the run
@@ -44,10 +44,10 @@ import time
 from datetime import datetime
 from typing import Any
 
+from benchmarks import HARNESS
 from benchmarks._common import MODES, machine, median, report, section_parser
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DRIVER = os.path.join(HERE, "interrupt_driver.py")
+DRIVER = os.path.join(HARNESS, "interrupt_driver.py")
 VARIANTS = ("ours", "plain")
 TRIALS = {"smoke": 0, "quick": 1, "full": 3}
 SAVE_STEPS = 250  # ~6 s of 20 ms steps: the next scheduled save comes well after either variant has stopped
@@ -113,7 +113,7 @@ def trial(variant: str, root: str) -> dict[str, Any]:
     log_path = os.path.join(root, "driver.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TRAIN_ENABLE_PRINT_PATCH="0")
     dc = {"save_steps": SAVE_STEPS}
-    extra = {"plain": variant == "plain"}
+    extra = {"plain": variant == "plain", "workload": "progress", "num_cpus": 2}
     row: dict[str, Any] = {"variant": variant, "killed": False, "lingering_killed": 0}
     t_start = time.monotonic()
     with open(log_path, "w") as log:

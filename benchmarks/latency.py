@@ -33,9 +33,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import torch
+from s3_local import s3_server, s3fs
 
 import ray_dyncheck as rdc
-from benchmarks._common import MODES, bootstrap_ci, machine, median, report, s3_server, s3fs, section_parser
+from benchmarks._common import MODES, bootstrap_ci, machine, median, report, section_parser
 from ray_dyncheck._metrics import Metrics
 
 STEP_S = 0.020

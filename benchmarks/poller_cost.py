@@ -39,9 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
+from s3_local import count_requests, s3_server, s3fs
 
 import ray_dyncheck as rdc
-from benchmarks._common import MODES, bootstrap_ci, count_requests, machine, report, s3_server, s3fs, section_parser
+from benchmarks._common import MODES, bootstrap_ci, machine, report, section_parser
 from ray_dyncheck._channel import RequestChannel
 from ray_dyncheck._poller import RequestPoller
 

@@ -47,18 +47,12 @@ def _restore_env_and_signals():
 def ray_local():
     """A local Ray for this module. A rank that skips a collective fails the test instead of hanging."""
     import ray
-    import ray.cloudpickle
-
-    import faultfs
-    import hf_workloads
-    import ray_workloads
+    import ray_by_value
 
     saved = dict(os.environ)
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.cloudpickle.register_pickle_by_value(ray_workloads)
-    ray.cloudpickle.register_pickle_by_value(hf_workloads)
-    ray.cloudpickle.register_pickle_by_value(faultfs)
+    ray_by_value.register()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     try:
         yield ray
@@ -71,8 +65,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def moto_port():
     """moto's S3 server on 127.0.0.1 with a bucket named ``bucket``, for this module; its port."""
-    sys.path.insert(0, os.path.dirname(TESTS))
-    from benchmarks._common import s3_server  # the S3 server on loopback, shared with the benchmarks
+    from s3_local import s3_server  # the S3 server on loopback, shared with the benchmarks
 
     with s3_server() as (port, _):
         yield port

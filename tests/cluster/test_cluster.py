@@ -27,15 +27,13 @@ from ray_workloads import train_fn
 @pytest.fixture(scope="module")
 def cluster():
     import ray
-    import ray.cloudpickle
+    import ray_by_value
     from ray.cluster_utils import Cluster
-
-    import ray_workloads
 
     saved = dict(os.environ)
     # Read by Ray Train's controller and workers, which inherit the nodes' environment.
     os.environ.update(RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5", RAY_TRAIN_COLLECTIVE_TIMEOUT_S="120")
-    ray.cloudpickle.register_pickle_by_value(ray_workloads)
+    ray_by_value.register()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "_system_config": {"metrics_report_interval_ms": 1000}})
     try:

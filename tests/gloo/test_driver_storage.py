@@ -4,21 +4,16 @@ never answered. Every storage call made by the driver or the client gives up in 
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import pyarrow.fs as pafs
 import pytest
-from drivers import frozen, s3_uri
+from s3_local import frozen, s3_server, s3_uri, s3fs
 
 from ray_dyncheck import driver, request_save
 from ray_dyncheck._files import REQUESTS, write_json
 from ray_dyncheck.errors import RunNotFoundError
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks._common import s3_server, s3fs  # noqa: E402  (the S3 server on loopback, shared)
 
 # A frozen server fails one bounded call after RETRY_ATTEMPTS x REQUEST_TIMEOUT_S (~17 s measured); a
 # request write makes two (the folder, then the object: ~32 s). Arrow's defaults: ~100 s and ~200 s.

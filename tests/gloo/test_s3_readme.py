@@ -10,9 +10,7 @@ import sys
 
 import pyarrow.fs as pafs
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks._common import S3_ENV, s3_server  # noqa: E402  (the S3 server on loopback, shared)
+from s3_local import S3_ENV, s3_server
 
 AWS_ENV = S3_ENV
 

@@ -1,9 +1,8 @@
 """Driver processes for the tests: ``interrupt_driver.py`` started in its own process (and process
-group), waited for, and its run read back; and the S3 helpers the driver tests share."""
+group), waited for, and its run read back."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -55,23 +54,3 @@ def weights_checkpoints(tmp_path):
         out.append((d, meta))
     return out
 
-
-def s3_uri(port: int, prefix: str = "bucket/ray_results") -> str:
-    return f"s3://{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-
-
-@contextlib.contextmanager
-def frozen(port: int):
-    """The moto server on ``port`` stopped (SIGSTOP) inside the block; always continued afterwards."""
-    import psutil
-
-    servers = [p for p in psutil.Process().children(recursive=True)
-               if "moto_server" in " ".join(p.cmdline()) and str(port) in p.cmdline()]
-    assert servers, "no moto server process found"
-    for p in servers:
-        p.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for p in servers:
-            p.send_signal(signal.SIGCONT)

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from actions import act
 
 import ray_dyncheck as rdc
 from ray_dyncheck._preempt import Notice
@@ -57,7 +58,7 @@ def agreement_worker(rank: int, world_size: int, port: int, run_dir: str, out: s
     for step in range(steps):
         if rank == 0:
             for action in actions.get(str(step), []):
-                _act(run_dir, action)
+                act(run_dir, action)
             if str(step) in notices:
                 backend.notice = Notice(deadline=time.time() + notices[str(step)], ranks=(1,), nodes=(f"n{step}",))
         loss = model(torch.ones(2, 4)).sum()
@@ -86,47 +87,6 @@ class PreemptedBackend(rdc.LocalBackend):
 
     def preemption(self) -> Notice | None:
         return self.notice
-
-
-def _act(run_dir: str, action: str) -> None:
-    if action == "touch":
-        # A real touch: creates the file, or gives it a new modification time (a trigger claimed by its
-        # version, as on an object store or this wrapped filesystem, stays where it is).
-        from pathlib import Path
-
-        Path(run_dir, "dyncheck.save").touch()
-    elif action == "break_requests":
-        os.makedirs(os.path.join(run_dir, ".dyncheck"), exist_ok=True)
-        with open(os.path.join(run_dir, ".dyncheck", "requests"), "w") as f:
-            f.write("a file where the request folder should be")
-    elif action.startswith("request:"):
-        body = json.loads(action.split(":", 1)[1])
-        folder = os.path.join(run_dir, ".dyncheck", "requests")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{body['id']}.json"), "w") as f:
-            json.dump(body, f)
-    elif action.startswith("raw:"):  # any bytes under any name in the request folder
-        _, name, hexbody = action.split(":", 2)
-        folder = os.path.join(run_dir, ".dyncheck", "requests")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(bytes.fromhex(hexbody))
-    elif action.startswith("symlink:"):  # a request file that points outside the run directory
-        _, name, target = action.split(":", 2)
-        folder = os.path.join(run_dir, ".dyncheck", "requests")
-        os.makedirs(folder, exist_ok=True)
-        os.symlink(target, os.path.join(folder, name))
-    elif action.startswith("sleep:"):
-        time.sleep(float(action.split(":", 1)[1]))
-    elif action.startswith("committed:"):  # until N checkpoints carry LocalBackend's commit marker
-        import glob
-
-        count, deadline = int(action.split(":", 1)[1]), time.time() + 60
-        while len(glob.glob(os.path.join(run_dir, "checkpoint_*", ".dyncheck-committed"))) < count:
-            assert time.time() < deadline, f"no {count} committed checkpoint(s)"
-            time.sleep(0.02)
-    else:
-        raise ValueError(action)
 
 
 class _State:
@@ -183,15 +143,15 @@ def fault_case(rank: int, run_dir: str, plan: str, out: str, case: dict) -> None
                                backend=rdc.LocalBackend(run_dir, filesystem=fault_fs(plan)))
     for step in range(steps):
         if rank == 0 and step == 3:
-            _act(run_dir, "touch")
-            _act(run_dir, 'request:{"id": "r1", "kind": "weights"}')
+            act(run_dir, "touch")
+            act(run_dir, 'request:{"id": "r1", "kind": "weights"}')
         if step == clear_at:
             state.mode = None
             if rank == 0:
                 set_plan(plan, [])
                 tempfile.tempdir = None
         if rank == 0 and step == later_at:
-            _act(run_dir, 'request:{"id": "later"}')
+            act(run_dir, 'request:{"id": "later"}')
             # Until the poller has claimed it (a fault may have held the poller): then the next check
             # serves it, whatever the machine's speed.
             deadline = time.time() + 30
@@ -286,13 +246,13 @@ def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, c
     while dc.global_step < case.get("steps", 10):
         step = dc.global_step
         if rank == 0 and step in case.get("touch_at", []):
-            _act(run_dir, "touch")
+            act(run_dir, "touch")
             deadline = time.time() + 30  # until claimed: the next check serves it, whatever the speed
             while os.path.exists(os.path.join(run_dir, "dyncheck.save")) and time.time() < deadline:
                 time.sleep(0.02)
         if rank == 0 and str(step) in case.get("request_at", {}):
             body = case["request_at"][str(step)]
-            _act(run_dir, "request:" + json.dumps(body))
+            act(run_dir, "request:" + json.dumps(body))
             pending = os.path.join(run_dir, ".dyncheck", "requests", f"{body['id']}.json")
             deadline = time.time() + 30
             while os.path.exists(pending) and time.time() < deadline:

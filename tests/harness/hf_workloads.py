@@ -7,12 +7,12 @@ models.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
 
 import torch
+from actions import act
 
 import ray_dyncheck as rdc
 
@@ -75,38 +75,6 @@ def make_actions_callback(config: dict, run_dir: str, rank: int):
             self.record["save_only_model_at_end"] = args.save_only_model
 
     return Actions()
-
-
-def act(run_dir: str, action: str) -> None:
-    trigger = os.path.join(run_dir, "dyncheck.save")
-    if action == "touch":
-        open(trigger, "a").close()
-        wait_until(lambda: not os.path.exists(trigger), "the poller to claim the trigger")
-    elif action.startswith("request:"):
-        body = json.loads(action.split(":", 1)[1])
-        folder = os.path.join(run_dir, ".dyncheck", "requests")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{body['id']}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(body, f)
-        os.rename(path + ".tmp", path)
-        wait_until(lambda: not os.path.exists(path), "the poller to claim the request")
-    elif action.startswith("committed:"):  # wait for N committed checkpoints (LocalBackend's marker)
-        count = int(action.split(":", 1)[1])
-        wait_until(lambda: len(glob.glob(os.path.join(run_dir, "checkpoint_*", ".dyncheck-committed"))) >= count,
-                   f"{count} committed checkpoint(s)")
-    elif action.startswith("ready:"):  # tell the test process that training is under way
-        open(action.split(":", 1)[1], "a").close()
-    else:
-        raise ValueError(action)
-
-
-def wait_until(cond, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def train_fn(config: dict) -> None:
@@ -186,9 +154,9 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -
 
     # The weights request waits (at step 3) until the full save from step 2 is committed: one still in
     # flight at the check of step 4 would answer it (a full save covers a weights stop).
-    records = {"first": train("first", {"1": ["touch"], "2": ['request:{"id": "w", "kind": "weights", '
-                                                              '"stop": true}'], "3": ["committed:1"]},
-                              resume=False)}
+    first = {"1": ["touch_until_claimed"], "2": ['request_until_claimed:{"id": "w", "kind": "weights", "stop": true}'],
+             "3": ["committed:1"]}
+    records = {"first": train("first", first, resume=False)}
     records["weights"] = train("weights", {}, resume=True)
     if rank == 0:
         newest = next(rdc.LocalBackend(run_dir).checkpoints())
@@ -292,7 +260,7 @@ def leaks_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) 
     def next_train() -> None:
         callback = rdc.DynamicCheckpointCallback(config, backend=rdc.LocalBackend(run_dir))
         try:
-            trainer("raised", callback, actions={"1": ["touch"], "3": ["committed:1"]}, boom=4).train()
+            trainer("raised", callback, actions={"1": ["touch_until_claimed"], "3": ["committed:1"]}, boom=4).train()
         except RuntimeError as exc:
             record["next_train_raised"] = str(exc)
         record["next_train_left"] = ours()
@@ -303,7 +271,7 @@ def leaks_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) 
     def with_blocks() -> None:
         try:
             with rdc.LocalBackend(run_dir) as backend, rdc.DynamicCheckpointCallback(config, backend=backend) as cb:
-                trainer("with", cb, actions={"1": ["touch"], "3": ["committed:2"]}, boom=4).train()
+                trainer("with", cb, actions={"1": ["touch_until_claimed"], "3": ["committed:2"]}, boom=4).train()
         except RuntimeError as exc:
             record["with_raised"] = str(exc)
         record["with"] = settled(record["baseline"])

@@ -1,18 +1,18 @@
-"""The training function the Ray tests run in real TorchTrainer workers (CPU, gloo).
+"""The training functions the Ray tests (and the interrupt benchmark) run in real TorchTrainer workers
+(CPU, gloo).
 
-Sent to workers by value (see conftest), so workers need not import the tests folder.
+Sent to workers by value (see ``ray_by_value.py``), so workers need not import the tests folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+from actions import act
 
 import ray_dyncheck as rdc
 
@@ -96,83 +96,47 @@ def train_fn(config: dict) -> None:
         torch.save(full, os.path.join(out, "final.pt"))
 
 
-def act(run_dir: str, action: str, out: str = "") -> None:
-    """What a user does from outside, done by rank 0 at a known step (real files in the run dir).
 
-    ``once:<name>:<action>`` acts only the first time: a restarted group replays the steps since its
-    checkpoint, and a fault must not be injected again.
-    """
-    trigger = os.path.join(run_dir, "dyncheck.save")
-    if action.startswith("once:"):
-        _, name, action = action.split(":", 2)
-        marker = os.path.join(out, f"once-{name}")
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    # A real touch: creates the file or gives it a new modification time (a trigger claimed by its
-    # version, on a store where it cannot be moved atomically, stays where it is).
-    if action == "touch":
-        Path(trigger).touch()
-    elif action.startswith("touch_at:"):  # a trigger_file_path elsewhere
-        path = action.split(":", 1)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Path(path).touch()
-    elif action == "mkdir_trigger":
-        os.makedirs(trigger)
-    elif action.startswith("request:"):
-        body = json.loads(action.split(":", 1)[1])
-        folder = os.path.join(run_dir, ".dyncheck", "requests")
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{body['id']}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(body, f)
-        os.rename(tmp, os.path.join(folder, f"{body['id']}.json"))
-    elif action.startswith("ready:"):  # tell a test process that training is under way
-        open(action.split(":", 1)[1], "a").close()
-    elif action.startswith("sleep:"):
-        time.sleep(float(action.split(":", 1)[1]))
-    elif action.startswith("park_after:"):  # once a checkpoint with that reason is committed: wait to be killed
-        reason, log, marker = action.split(":", 1)[1], os.path.join(out, "commits.log"), os.path.join(out, "parked")
-        if not os.path.exists(marker) and os.path.exists(log) and any(
-                json.loads(line)["reason"] == reason for line in open(log)):
-            open(marker, "w").close()
-            time.sleep(120)
-    elif action.startswith("wait_file:"):  # until the test creates that file (at most a minute)
-        path, deadline = action.split(":", 1)[1], time.time() + 60
-        while time.time() < deadline and not os.path.exists(path):
-            time.sleep(0.05)
-    elif action.startswith("wait_claimed"):  # until rank 0's poller has claimed it (wait_claimed:<id>)
-        folder = os.path.join(run_dir, ".dyncheck", "claimed")
-        rid = action.partition(":")[2]
-        deadline = time.time() + 30
-        while time.time() < deadline and not (os.path.isdir(folder) and any(
-                n.startswith(rid) and not n.startswith(".") for n in os.listdir(folder))):
-            time.sleep(0.05)
-    elif action.startswith("wait_any_receipt:"):  # until a receipt whose id starts so is written
-        folder, prefix = os.path.join(run_dir, ".dyncheck", "receipts"), action.partition(":")[2]
-        deadline = time.time() + 60
-        while time.time() < deadline and not (os.path.isdir(folder) and any(
-                n.startswith(prefix) for n in os.listdir(folder))):
-            time.sleep(0.05)
-    elif action.startswith("wait_receipt:"):  # until the request's receipt is written (committed)
-        path = os.path.join(run_dir, ".dyncheck", "receipts", f"{action.partition(':')[2]}.json")
-        deadline = time.time() + 60
-        while time.time() < deadline and not os.path.exists(path):
-            time.sleep(0.05)
-    elif action.startswith(("fault:", "fault_rank1:")):  # faults for this process (or rank 1's) only
-        pid = os.getpid() if action.startswith("fault:") else int(open(os.path.join(out, "pid1")).read())
-        rules = [dict(r, pid=pid) for r in json.loads(action.split(":", 1)[1])]
-        plan = os.path.join(out, "plan.json")
-        with open(f"{plan}.tmp", "w") as f:
-            json.dump(rules, f)
-        os.replace(f"{plan}.tmp", plan)
-    elif action.startswith("tmpdir:"):
-        import tempfile
+def progress_train_fn(config: dict) -> None:
+    """The interrupt benchmark's workload (see ``interrupt_driver.py``): every worker trains a small MLP
+    (DDP, gloo) with ``config["step_time"]`` steps under ``rdc.DynamicCheckpoint`` until ``config["steps"]``
+    or until the hook says stop. World rank 0 appends ``step unix_time`` to ``OUT/progress.log`` after
+    every step and writes ``config["ready"]`` (JSON: step and time) once the first scheduled checkpoint
+    (``save_steps``) is committed and ``config["ready_steps"]`` more steps have run, or after those steps
+    when nothing is scheduled."""
+    import ray.train
+    from ray.train.torch import prepare_model
 
-        tempfile.tempdir = action.split(":", 1)[1] or None
-    elif action == "kill_rank1":
-        os.kill(int(open(os.path.join(out, "pid1")).read()), signal.SIGKILL)
-    elif action == "kill_self":
-        os.kill(os.getpid(), signal.SIGKILL)
-    else:
-        raise ValueError(action)
+    rank = ray.train.get_context().get_world_rank()
+    out, ready = config["out"], config["ready"]
+    torch.manual_seed(0)
+    model = prepare_model(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduled = config["dynamic_checkpoint"].get("save_steps") is not None
+    ready_at: int | None = None
+    progress = open(os.path.join(out, "progress.log"), "a", buffering=1) if rank == 0 else None
+    with rdc.DynamicCheckpoint(config["dynamic_checkpoint"], model=model, optimizer=opt) as dc:
+        dc.restore()
+        while dc.global_step < config["steps"]:
+            g = torch.Generator().manual_seed(dc.global_step * 1000 + rank)
+            x = torch.randn(16, 8, generator=g)
+            loss = nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            time.sleep(config["step_time"])
+            dc.step()
+            if progress is not None:
+                progress.write(f"{dc.global_step} {time.time():.6f}\n")
+                if ready_at is None and (not scheduled or any(
+                        s["reason"] == "schedule" and "committed_at" in s for s in dc.saves)):
+                    ready_at = dc.global_step + config["ready_steps"]
+                if ready_at is not None and dc.global_step == ready_at:
+                    with open(f"{ready}.tmp", "w") as f:
+                        json.dump({"step": dc.global_step, "time": time.time()}, f)
+                    os.replace(f"{ready}.tmp", ready)
+            if dc.should_stop:
+                break
+    if progress is not None:
+        progress.write(f"stopped {dc.global_step} {time.time():.6f}\n")
+        progress.close()

@@ -12,10 +12,8 @@ import sys
 import time
 
 import pytest
-from drivers import DRIVER, KILLED_BY_SIGINT, frozen, s3_uri, wait_ready
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks._common import s3_server  # noqa: E402  (the S3 server on loopback, shared)
+from drivers import DRIVER, KILLED_BY_SIGINT, wait_ready
+from s3_local import frozen, s3_server, s3_uri
 
 
 @pytest.fixture

@@ -54,7 +54,8 @@ def saved_steps(record):
 def baseline(ray_local, tmp_path_factory):
     """An uninterrupted 20-step run with two touches, a weights request and HF's own schedule (every 10)."""
     tmp = tmp_path_factory.mktemp("baseline")
-    actions = {"2": ["touch"], "6": ["touch"], "12": ['request:{"id": "w-1", "kind": "weights"}']}
+    actions = {"2": ["touch_until_claimed"], "6": ["touch_until_claimed"],
+               "12": ['request_until_claimed:{"id": "w-1", "kind": "weights"}']}
     result = make_trainer(tmp / "results", "baseline", tmp / "out", actions=actions).fit()
     return tmp, result
 
@@ -98,7 +99,7 @@ def test_trigger_request_and_schedule(baseline):
 def test_stop_request_then_resume_matches_the_uninterrupted_run(baseline, tmp_path):
     base_tmp, _ = baseline
     storage = tmp_path / "results"
-    stop = {"6": ['request:{"id": "pause", "kind": "full", "stop": true}']}
+    stop = {"6": ['request_until_claimed:{"id": "pause", "kind": "full", "stop": true}']}
     # Each rank writes HF's files into its own output_dir, as on several nodes with local disks: rank 1
     # holds only its rng_state_1.pth and reports it itself.
     result = make_trainer(storage, "resumed", tmp_path / "a", actions=stop, output_dir_per_rank=True).fit()
@@ -125,7 +126,7 @@ def test_interrupt_saves_weights_that_from_pretrained_loads_and_resume_skips_an_
     import ray_dyncheck as rdc
 
     storage, ready = tmp_path / "results", tmp_path / "ready"
-    actions = {"1": ['request:{"id": "w-5", "kind": "weights"}'], "6": [f"ready:{ready}"]}
+    actions = {"1": ['request_until_claimed:{"id": "w-5", "kind": "weights"}'], "6": [f"ready:{ready}"]}
     trainer = make_trainer(storage, "intr", tmp_path / "a", steps=200, step_time=0.05, actions=actions,
                            save_strategy="no")
 

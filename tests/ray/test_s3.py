@@ -12,11 +12,9 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
+from s3_local import S3_ENV, s3_server
 
 from ray_workloads import train_fn
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks._common import S3_ENV, s3_server  # noqa: E402  (the S3 server on loopback, shared)
 
 CLI = os.path.join(os.path.dirname(sys.executable), "ray-dyncheck")
 AWS_ENV = S3_ENV
@@ -32,14 +30,10 @@ def s3():
 @pytest.fixture(scope="module")
 def ray_s3(s3):
     import ray
-    import ray.cloudpickle
-
-    import hf_workloads
-    import ray_workloads
+    import ray_by_value
 
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = "120"
-    ray.cloudpickle.register_pickle_by_value(ray_workloads)
-    ray.cloudpickle.register_pickle_by_value(hf_workloads)
+    ray_by_value.register()
     ray.init(address="local", num_cpus=4, include_dashboard=False)  # workers inherit the AWS settings
     try:
         yield s3

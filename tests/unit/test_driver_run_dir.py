@@ -4,7 +4,7 @@ gives up in bounded time."""
 from __future__ import annotations
 
 import pyarrow.fs as pafs
-from drivers import s3_uri
+from s3_local import s3_uri
 
 from ray_dyncheck import driver
 from ray_dyncheck._files import CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S

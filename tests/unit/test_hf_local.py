@@ -24,7 +24,7 @@ def local_run(tmp_path):
 
 def touch_at_step_1(run_dir):
     """Touches the trigger after step 1 and returns once the poller claimed it."""
-    return make_actions_callback({"actions": {"1": ["touch"]}}, str(run_dir), rank=0)
+    return make_actions_callback({"actions": {"1": ["touch_until_claimed"]}}, str(run_dir), rank=0)
 
 
 def hf_args(tmp_path, **kw):
@@ -89,8 +89,8 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
     args = hf_args(tmp_path, max_steps=6, save_strategy="best", eval_strategy="steps", eval_steps=2,
                    metric_for_best_model="loss", greater_is_better=True)
     callback = rdc.DynamicCheckpointCallback({"check_interval": 4, "poll_interval_s": 0.05}, backend=backend)
-    recorder = make_actions_callback({"actions": {"1": ['request:{"id": "w", "kind": "weights"}']}}, str(run_dir),
-                                     rank=0)
+    recorder = make_actions_callback({"actions": {"1": ['request_until_claimed:{"id": "w", "kind": "weights"}']}},
+                                     str(run_dir), rank=0)
     Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
             callbacks=[callback, recorder]).train()
     assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
