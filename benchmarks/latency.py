@@ -37,7 +37,7 @@ from s3_local import s3_server, s3fs
 
 import ray_dyncheck as rdc
 from benchmarks._common import MODES, bootstrap_ci, machine, median, report, section_parser
-from ray_dyncheck._metrics import Metrics
+from ray_dyncheck._backends.metrics import Metrics
 
 STEP_S = 0.020
 STAGES = ("claimed", "decided", "committed", "receipt")

@@ -23,7 +23,6 @@ ranks make no storage requests for the channel, whatever the world size.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import posixpath
@@ -43,8 +42,8 @@ from s3_local import count_requests, s3_server, s3fs
 
 import ray_dyncheck as rdc
 from benchmarks._common import MODES, bootstrap_ci, machine, report, section_parser
-from ray_dyncheck._channel import RequestChannel
-from ray_dyncheck._poller import RequestPoller
+from ray_dyncheck._requests.channel import RequestChannel
+from ray_dyncheck._requests.poller import RequestPoller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # AWS S3 Standard, us-east-1, USD per 1,000 requests: GET, SELECT and all other requests (HEAD);
@@ -230,14 +229,8 @@ def _cpu(kinds: list[str], seconds: float, root: str, port: int | None, log: str
 
 
 def _rank0_only() -> str:
-    """Where ``WorkerCore`` starts the poller on rank 0 alone (file:line)."""
-    from ray_dyncheck import _core
-
-    lines, start = inspect.getsourcelines(_core.WorkerCore.__init__)
-    for i, line in enumerate(lines):
-        if "self.rank == 0" in line and "_start_poller" in "".join(lines[i:i + 2]):
-            return f"ray_dyncheck/_core.py:{start + i}"
-    return "ray_dyncheck/_core.py (WorkerCore.__init__)"
+    """Where ``WorkerCore`` starts the poller on rank 0 alone."""
+    return "ray_dyncheck/_core/worker.py (WorkerCore.__init__: the poller starts when rank == 0)"
 
 
 def run(mode: str) -> dict[str, Any]:

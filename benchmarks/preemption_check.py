@@ -36,8 +36,8 @@ def train_fn(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from ray_dyncheck._ray import RayBackend
-    from ray_dyncheck.agree import Agreement, Decision
+    from ray_dyncheck._backends.ray import RayBackend
+    from ray_dyncheck._core.agree import Agreement, Decision
 
     backend = RayBackend()
     agreement = Agreement(timeout_s=120)

@@ -6,17 +6,18 @@ PyTorch loops use :class:`DynamicCheckpoint`; a Hugging Face ``Trainer`` uses
 ``DynamicCheckpointCallback`` and ``hf_resume_path`` (the ``transformers`` extra).
 """
 
-from ._channel import Request
-from ._core import Backend
-from ._local import LocalBackend
-from .agree import Decision
+from ._backends.base import Backend
+from ._backends.local import LocalBackend
+from ._core.agree import Decision
+from ._requests.channel import Request
+from ._state import CheckpointInfo, Stateful
 from .client import request_save, run_status
 from .config import DynamicCheckpointConfig, load_config
 from .driver import fit
 from .errors import CheckpointRestoreError, CheckpointUploadError, RunNotFoundError
 from .export import export_checkpoint
 from .hook import DynamicCheckpoint
-from .state import CheckpointInfo, Stateful
+from .vocab import Kind, Reason, Source, Status
 
 # Loaded on first use and left out of __all__, so `import ray_dyncheck` (even `import *`) works
 # without the transformers extra.
@@ -40,10 +41,14 @@ __all__ = [
     "Decision",
     "DynamicCheckpoint",
     "DynamicCheckpointConfig",
+    "Kind",
     "LocalBackend",
+    "Reason",
     "Request",
     "RunNotFoundError",
+    "Source",
     "Stateful",
+    "Status",
     "export_checkpoint",
     "fit",
     "load_config",

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,12 +27,9 @@ from typing import Any
 
 import torch
 
-from ._channel import Request
-from ._core import WorkerCore
-from ._sharded import DCP_ERRORS, is_sharded
-from ._snapshot import HostCopier, Keep, KeptBuffers, on_cuda
-from .agree import Agreement
-from .state import (
+from ._core import Plan, WorkerCore
+from ._core.agree import Agreement
+from ._state import (
     SHARDED_FORMAT_VERSION,
     Captured,
     Stateful,
@@ -42,6 +39,8 @@ from .state import (
     write_files,
     write_manifest,
 )
+from ._state.sharded import DCP_ERRORS, is_sharded
+from ._state.snapshot import HostCopier, Keep, KeptBuffers, on_cuda
 
 __all__ = ["SavePipeline"]
 
@@ -99,10 +98,11 @@ class SavePipeline:
         self.last_blocked_s = 0.0
         """Seconds the newest save blocked training on this rank."""
 
-    def save(self, kind: str, reason: str, requests: Sequence[Request], metrics: Mapping[str, Any] | None,
-             step: int) -> None:
-        """Every rank, at the same step."""
+    def save(self, plan: Plan, metrics: Mapping[str, Any] | None) -> None:
+        """Every rank, at the same step: write this rank's state for ``plan.kind`` and report it."""
         t0 = time.perf_counter()
+        assert plan.kind is not None, "save() of a plan that saves nothing"
+        step, kind = plan.step, plan.kind.value  # a plain str in what is saved
         agreement = self.core.agreement
         try:
             mine: dict[str, Any] = capture_rank_state(self.extra_state)
@@ -165,8 +165,7 @@ class SavePipeline:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             written = None
         self.last_blocked_s = time.perf_counter() - t0
-        self.core.report(step=step, kind=kind, reason=reason, requests=requests, directory=directory,
-                         error=error, metrics=metrics, t0=t0, written=written)
+        self.core.report(plan, directory, metrics, error=error, t0=t0, written=written)
 
     def _submit(self, job: _Write) -> Future[dict[str, int]]:
         with self._lock:

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from ._sharded import DCP_ERRORS
+from ._state.sharded import DCP_ERRORS
 from .client import RunNotFoundError, request_save, run_status
 from .export import export_checkpoint
 

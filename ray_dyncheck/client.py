@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ._files import (
+from ._backends.local import COMMIT_MARKER
+from ._requests.files import (
     CLAIMED,
     RECEIPTS,
     REQUESTS,
@@ -30,9 +31,9 @@ from ._files import (
     resolve_run_dir,
     write_json,
 )
-from ._local import COMMIT_MARKER
+from ._state import MANIFEST_FILE
 from .errors import RunNotFoundError
-from .state import MANIFEST_FILE
+from .vocab import Status
 
 __all__ = ["RunNotFoundError", "list_checkpoints", "request_save", "run_status"]
 
@@ -72,7 +73,7 @@ def request_save(run: str, *, kind: str = "full", stop: bool = False, wait: bool
 
     Returns:
         The receipt (``status``: ``ok`` with ``checkpoint`` and ``step``; ``error``; ``rejected``;
-        ``discarded``), or ``{"id", "status": "pending"}`` without ``wait``.
+        ``discarded``), or ``{"id", "status": Status.PENDING}`` without ``wait``.
 
     Raises:
         RunNotFoundError: ``run`` is not a reachable Ray run directory.
@@ -84,7 +85,7 @@ def request_save(run: str, *, kind: str = "full", stop: bool = False, wait: bool
     rid = new_id("req")
     write_json(fs, posixpath.join(path, REQUESTS, f"{rid}.json"), {"id": rid, "kind": kind, "stop": stop})
     if not wait:
-        return {"id": rid, "status": "pending"}
+        return {"id": rid, "status": Status.PENDING}
     deadline = None if timeout is None else time.monotonic() + timeout
     receipt_path = posixpath.join(path, RECEIPTS, f"{rid}.json")
     while True:

@@ -31,9 +31,9 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import pyarrow.fs as pafs
 
-from ._channel import answer_leftovers
-from ._files import RECEIPTS, REQUESTS, bounded, filesystem_from_uri, new_id, read_json, write_json
 from ._logs import console
+from ._requests.channel import answer_leftovers
+from ._requests.files import RECEIPTS, REQUESTS, bounded, filesystem_from_uri, new_id, read_json, write_json
 from .config import DynamicCheckpointConfig, load_config
 
 __all__ = ["fit"]

@@ -20,10 +20,10 @@ import pyarrow.fs as pafs
 import safetensors.torch
 import torch
 
-from ._files import resolve_run_dir
-from ._sharded import read_consolidated
+from ._requests.files import resolve_run_dir
+from ._state import MODEL_FILE, read_stored_manifest
+from ._state.sharded import read_consolidated
 from .errors import CheckpointRestoreError
-from .state import MODEL_FILE, read_stored_manifest
 
 __all__ = ["export_checkpoint"]
 

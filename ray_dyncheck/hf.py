@@ -22,21 +22,21 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._channel import Request
-from ._core import Backend, WorkerCore
+from ._backends.base import Backend
+from ._backends.local import LocalBackend
+from ._core import Plan, WorkerCore
 from ._hf_resume import SCHEDULER_FILE, hf_resume_path, release_downloads, weights_resume
-from ._local import LocalBackend
+from ._state import write_manifest
 from .config import DynamicCheckpointConfig, load_config
-from .state import write_manifest
+from .vocab import Kind, Reason
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -72,16 +72,6 @@ _open: dict[int, _Open] = {}
 """Every callback's open core, by ``id(core)``: what a ``train()`` that raised left behind is found
 here. Guarded by ``_open_lock`` (training threads; the interpreter's exit)."""
 _at_exit = False
-
-
-@dataclass
-class _Pending:
-    """A save the agreed decision asked HF for, until ``on_save`` reports it."""
-
-    kind: str
-    reason: str
-    requests: list[Request] = field(default_factory=list)
-    t0: float = 0.0
 
 
 class DynamicCheckpointCallback(TrainerCallback):
@@ -135,7 +125,8 @@ class DynamicCheckpointCallback(TrainerCallback):
         self.config = load_config(config)
         self._backend = backend
         self._core: WorkerCore | None = None
-        self._pending: _Pending | None = None
+        self._pending: Plan | None = None
+        """A save the agreed plan asked HF for, until ``on_save`` reports it."""
         self._only_model_lock = threading.Lock()
         self._only_model_before: bool | None = None
         self._saved_step: int | None = None
@@ -196,7 +187,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         _release_leftovers()
         backend = self._backend
         if backend is None:
-            from ._ray import RayBackend
+            from ._backends.ray import RayBackend
 
             backend = RayBackend()
         self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
@@ -225,22 +216,19 @@ class DynamicCheckpointCallback(TrainerCallback):
             # HF did not save when asked (save_strategy="best" re-decides should_save after an
             # evaluation): ask again rather than lose the request.
             if scheduled:
-                self._pending.kind = "full"  # HF's own save at this step is a full one
+                self._pending = self._pending.at_least(Kind.FULL)  # HF's own save at this step is a full one
             control.should_save = True
-            self._set_only_model(args, self._pending.kind == "weights")
-        decision, requests = core.check(step)
-        saving = decision is not None and decision.save
-        if saving:
-            assert decision is not None
-            kind = "full" if scheduled else decision.kind or "full"
-            if self._pending is not None:  # merge with the save HF still owes us
-                requests = self._pending.requests + requests
-                kind = "full" if "full" in (kind, self._pending.kind) else kind
-            self._pending = _Pending(kind, decision.reason, requests, time.perf_counter())
+            self._set_only_model(args, self._pending.kind == Kind.WEIGHTS)
+        plan = core.check(step, full_due=scheduled)
+        if plan is not None and plan.save:
+            if self._pending is not None:  # one save for it and the one HF still owes us
+                plan = self._pending.joined(plan)
+            self._pending = plan
             control.should_save = True
-            self._set_only_model(args, kind == "weights")
-        if core.finish(decision, requests, step, saved=saving):
+            self._set_only_model(args, plan.kind == Kind.WEIGHTS)
+        if plan is not None and plan.stop:
             control.should_training_stop = True
+        core.end_step()
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -255,14 +243,12 @@ class DynamicCheckpointCallback(TrainerCallback):
         core = self._core
         if core is None:
             return
-        t0 = time.perf_counter()
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            kind, reason, requests, t0 = pending.kind, pending.reason, pending.requests, pending.t0
-        else:
-            kind = "weights" if only_model else "full"
-            reason, requests = "schedule", []
         step = state.global_step
+        pending, self._pending = self._pending, None
+        plan = pending.at_step(step) if pending is not None else \
+            core.plan(step, Kind.WEIGHTS if only_model else Kind.FULL, Reason.SCHEDULE)
+        kind = plan.kind
+        assert kind is not None
         output_dir = str(args.output_dir)
         source = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}-{step}")
         share: dict[str, int] = {}
@@ -301,8 +287,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         metrics: dict[str, Any] = {}
         for log in state.log_history:  # the latest value of each logged metric, as Ray's callback does
             metrics.update({k: v for k, v in log.items() if isinstance(v, (int, float))})
-        core.report(step=step, kind=kind, reason=reason, requests=requests, directory=directory,
-                    error=error, metrics=metrics, t0=t0)
+        core.report(plan, directory, metrics, error=error)
         self._saved_step = step
         core.end_step()
 
@@ -312,7 +297,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         try:
             if self._core is not None and self._pending is not None:
                 pending, self._pending = self._pending, None
-                self._core.abandon(pending.requests, state.global_step, pending.kind, pending.reason,
+                self._core.abandon(pending.at_step(state.global_step),
                                    "training ended before Trainer saved the checkpoint it was asked for")
         finally:
             self.close(clean=True)  # a normal end: requests no check served get "unserved"
@@ -348,7 +333,7 @@ class DynamicCheckpointCallback(TrainerCallback):
             torch.save(_hf_rng_state(args), rng_file)
         return {path: size for path, size in _sizes(source, os.listdir(source)).items() if _owner(path) == core.rank}
 
-    def _stage(self, source: str, output_dir: str, step: int, kind: str, lr_scheduler: Any,
+    def _stage(self, source: str, output_dir: str, step: int, kind: Kind, lr_scheduler: Any,
                shares: list[dict[str, int]]) -> str | None:
         """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory of its
         own that the backend deletes once it is stored. Rank 0 adds ``scheduler.pt`` (weights only)
@@ -368,7 +353,7 @@ class DynamicCheckpointCallback(TrainerCallback):
                 os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
                 _link_or_copy(os.path.join(source, name), os.path.join(staging, name))
             if rank == 0:
-                if kind == "weights" and lr_scheduler is not None and not os.path.exists(
+                if kind == Kind.WEIGHTS and lr_scheduler is not None and not os.path.exists(
                         os.path.join(staging, SCHEDULER_FILE)):
                     # HF's save_only_model leaves the scheduler out; it is small, and without it a
                     # resume would restart the LR schedule at its first step.

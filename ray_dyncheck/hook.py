@@ -11,19 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._channel import Request
-from ._core import Backend, WorkerCore, chosen_by_rank0, fail_together
-from ._local import LocalBackend
+from ._backends.base import Backend
+from ._backends.local import LocalBackend
+from ._core import WorkerCore
+from ._core.agree import Agreement, Decision, chosen_by_rank0, fail_together
 from ._pipeline import SavePipeline
-from ._sharded import DCP_ERRORS, check_supported
-from .agree import Agreement, Decision
-from .config import DynamicCheckpointConfig, load_config
-from .state import (
+from ._state import (
     CheckpointInfo,
     Stateful,
     load_checkpoint,
@@ -31,6 +29,9 @@ from .state import (
     read_stored_manifest,
     unwrap_model,
 )
+from ._state.sharded import DCP_ERRORS, check_supported
+from .config import DynamicCheckpointConfig, load_config
+from .vocab import Kind, Reason
 
 __all__ = ["Backend", "DynamicCheckpoint", "LocalBackend"]
 
@@ -85,7 +86,7 @@ class DynamicCheckpoint:
                 raise ValueError(f"extra_state[{name!r}] must have state_dict() and load_state_dict(), "
                                  f"got {type(obj).__name__}")
         if backend is None:
-            from ._ray import RayBackend
+            from ._backends.ray import RayBackend
 
             backend = RayBackend()
         self.backend = backend
@@ -262,32 +263,23 @@ class DynamicCheckpoint:
         t_enter = time.perf_counter()
         self._step += 1
         step = self._step
-        if self._save_steps is None and self._core.tick(step, t_enter):
-            return None  # most steps: no check due, no schedule
-        decision, requests = self._core.check(step)
         scheduled = self._save_steps is not None and step % self._save_steps == 0
-        saving = (decision is not None and decision.save) or scheduled
-        if saving:
-            if decision is not None and decision.save:
-                kind = "full" if scheduled else decision.kind or "full"
-                reason = decision.reason
-            else:
-                kind, reason = "full", "schedule"
-            self._save(kind, reason, requests, metrics, agreed=decision is not None and decision.save)
-        if self._core.finish(decision, requests, step, saved=saving):
+        if not scheduled and self._core.tick(step, t_enter):
+            return None  # most steps: no check due, no schedule
+        plan = self._core.check(step, full_due=scheduled)
+        if plan is not None and plan.save:
+            self._pipeline.save(plan, metrics)
+        elif scheduled:  # a schedule no check agreed on: at most one save in flight, so wait for the last
+            self._core.wait_stored()
+            self._pipeline.save(self._core.plan(step, Kind.FULL, Reason.SCHEDULE), metrics)
+        if plan is not None and plan.stop:
             self.should_stop = True
-        return decision
+        self._core.end_step()
+        return None if plan is None else plan.decision
 
     def save(self, kind: str = "full", metrics: Mapping[str, Any] | None = None) -> None:
         """Save and report a checkpoint now. Every rank must call it at the same step."""
-        if kind not in ("full", "weights"):
+        if kind not in (Kind.FULL, Kind.WEIGHTS):
             raise ValueError(f"kind must be 'full' or 'weights', got {kind!r}")
-        self._save(kind, "manual", [], metrics)
-
-    # -- saving ------------------------------------------------------------------------------------
-
-    def _save(self, kind: str, reason: str, requests: Sequence[Request],
-              metrics: Mapping[str, Any] | None, *, agreed: bool = False) -> None:
-        if not agreed:  # a schedule or save(): every rank is here, so each may wait for its last save
-            self._core.wait_stored()
-        self._pipeline.save(kind, reason, requests, metrics, self.global_step)
+        self._core.wait_stored()  # every rank is here, so each may wait for its last save
+        self._pipeline.save(self._core.plan(self._step, kind, Reason.MANUAL), metrics)

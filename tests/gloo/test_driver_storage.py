@@ -12,7 +12,7 @@ import pytest
 from s3_local import frozen, s3_server, s3_uri, s3fs
 
 from ray_dyncheck import driver, request_save
-from ray_dyncheck._files import REQUESTS, write_json
+from ray_dyncheck._requests.files import REQUESTS, write_json
 from ray_dyncheck.errors import RunNotFoundError
 
 # A frozen server fails one bounded call after RETRY_ATTEMPTS x REQUEST_TIMEOUT_S (~17 s measured); a

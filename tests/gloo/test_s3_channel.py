@@ -16,8 +16,8 @@ import pyarrow.fs as pafs
 import pytest
 from http_proxy import HttpFaultProxy
 
-from ray_dyncheck._channel import RequestChannel
-from ray_dyncheck._files import RUN_MARKER, bounded
+from ray_dyncheck._requests.channel import RequestChannel
+from ray_dyncheck._requests.files import RUN_MARKER, bounded
 
 
 def s3(endpoint: str) -> pafs.FileSystem:

@@ -1,7 +1,8 @@
-"""The README's AWS CLI commands against a real S3-compatible server (moto) on loopback."""
+"""The AWS CLI commands of the README and docs/ against a real S3-compatible server (moto) on loopback."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -23,10 +24,11 @@ def s3():
 
 
 def readme_aws_commands() -> list[str]:
-    """Every AWS CLI command line the README gives (table cells and code blocks)."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    """Every AWS CLI command line the README and the docs/ pages give (table cells and code blocks)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    pages = [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]
     lines = []
-    for line in readme.splitlines():
+    for line in "\n".join(open(p, encoding="utf-8").read() for p in pages).splitlines():
         if "aws s3" not in line:
             continue
         cell = re.search(r"`([^`]*aws s3[^`]*)`", line)
@@ -38,7 +40,7 @@ def readme_aws_commands() -> list[str]:
 def test_every_aws_cli_command_in_the_readme_works_against_the_bucket(s3):
     """The README's object-storage commands, run with the real AWS CLI against the S3 server: the
     trigger and the request they write are claimed by the request channel, and the receipt is read back."""
-    from ray_dyncheck._channel import RequestChannel
+    from ray_dyncheck._requests.channel import RequestChannel
 
     _, port = s3
     commands = readme_aws_commands()

@@ -16,7 +16,7 @@ import torch
 import ray_dyncheck as rdc
 from gloo_workers import _fsdp_model, fsdp_worker, run_ranks
 from ray_dyncheck import cli
-from ray_dyncheck.state import (
+from ray_dyncheck._state import (
     load_checkpoint,
     read_manifest,
 )

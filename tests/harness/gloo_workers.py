@@ -15,7 +15,7 @@ import torch.distributed as dist
 from actions import act
 
 import ray_dyncheck as rdc
-from ray_dyncheck._preempt import Notice
+from ray_dyncheck._backends.base import Notice
 
 
 def run_ranks(fn, world_size: int, *args) -> None:

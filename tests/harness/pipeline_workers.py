@@ -15,7 +15,7 @@ import torch
 
 import ray_dyncheck as rdc
 from ray_dyncheck._pipeline import SavePipeline
-from ray_dyncheck.state import write_files
+from ray_dyncheck._state import write_files
 
 
 def _local_tensors(tree: Any) -> list[torch.Tensor]:

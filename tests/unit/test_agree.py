@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ray_dyncheck.agree import AutoInterval, Decision, _nice
+from ray_dyncheck._core.agree import Decision
+from ray_dyncheck._core.cadence import AutoInterval, _nice
 
 
 def test_auto_interval_choice():
@@ -28,7 +29,8 @@ def test_decision_round_trip():
 
 
 def test_preemption_plan_chooses_from_the_measured_time_to_commit():
-    from ray_dyncheck._preempt import Notice, PreemptionPlan
+    from ray_dyncheck._backends.base import Notice
+    from ray_dyncheck._core.preempt import PreemptionPlan
 
     plan = PreemptionPlan("auto")
     soon, later = Notice(deadline=1000.0 + 20), Notice(deadline=1000.0 + 300)
@@ -117,7 +119,8 @@ def test_preemption_plan_is_safe_across_the_training_and_upload_threads():
     import sys
     import threading
 
-    from ray_dyncheck._preempt import Notice, PreemptionPlan
+    from ray_dyncheck._backends.base import Notice
+    from ray_dyncheck._core.preempt import PreemptionPlan
 
     plan = PreemptionPlan("auto")
     rounds, stop, cleared = 20000, threading.Event(), []

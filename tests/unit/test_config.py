@@ -23,8 +23,9 @@ micro_batch_size: 2
 def test_public_names():
     assert sorted(ray_dyncheck.__all__) == [
         "Backend", "CheckpointInfo", "CheckpointRestoreError", "CheckpointUploadError", "Decision",
-        "DynamicCheckpoint", "DynamicCheckpointConfig",
-        "LocalBackend", "Request", "RunNotFoundError", "Stateful", "export_checkpoint", "fit", "load_config",
+        "DynamicCheckpoint", "DynamicCheckpointConfig", "Kind",
+        "LocalBackend", "Reason", "Request", "RunNotFoundError", "Source", "Stateful", "Status",
+        "export_checkpoint", "fit", "load_config",
         "request_save",
         "run_status",
     ]

@@ -7,7 +7,7 @@ import pyarrow.fs as pafs
 from s3_local import s3_uri
 
 from ray_dyncheck import driver
-from ray_dyncheck._files import CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S
+from ray_dyncheck._requests.files import CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S
 
 
 def timeouts(fs: pafs.FileSystem) -> tuple[float, float]:

@@ -107,7 +107,7 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
 
 
 def test_torch_hook_refuses_an_hf_checkpoint_with_the_fix(tmp_path):
-    from ray_dyncheck.state import load_checkpoint
+    from ray_dyncheck._state import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

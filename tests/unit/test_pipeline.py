@@ -15,7 +15,7 @@ import torch
 from pipeline_workers import HeldWrites, use_pipeline
 
 import ray_dyncheck as rdc
-from ray_dyncheck.state import MODEL_FILE, read_manifest
+from ray_dyncheck._state import MODEL_FILE, read_manifest
 
 
 def _hook(tmp_path, write, device="cpu", keep_all=True, **cfg):

@@ -10,9 +10,9 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from ray_dyncheck._channel import RequestChannel, parse_body
-from ray_dyncheck._files import RUN_MARKER
-from ray_dyncheck._poller import RequestPoller
+from ray_dyncheck._requests.channel import RequestChannel, parse_body
+from ray_dyncheck._requests.files import RUN_MARKER
+from ray_dyncheck._requests.poller import RequestPoller
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_retire_removes_the_attempt_marks(run):
 
 
 def test_poller_close_answers_what_training_never_served(run):
-    from ray_dyncheck._channel import answer_leftovers
+    from ray_dyncheck._requests.channel import answer_leftovers
 
     poller = RequestPoller(channel(run), interval_s=0.05).start()
     folder = run / ".dyncheck" / "requests"
@@ -346,7 +346,7 @@ def test_a_reused_request_id_is_refused_not_served_twice(run, caplog):
 
 def test_leftovers_after_the_run(tmp_path, run):
     from faultfs import fault_fs, set_plan
-    from ray_dyncheck._channel import answer_leftovers
+    from ray_dyncheck._requests.channel import answer_leftovers
 
     folder = run / ".dyncheck" / "requests"
     folder.mkdir(parents=True)
@@ -374,7 +374,7 @@ def test_leftovers_after_the_run(tmp_path, run):
 
 def test_a_repeated_storage_error_is_logged_with_how_often(caplog):
     """Once a minute, an identical failure says how many times it happened since it was last logged."""
-    from ray_dyncheck._files import ErrorLog
+    from ray_dyncheck._requests.files import ErrorLog
 
     now = [0.0]
     log = ErrorLog(clock=lambda: now[0], every_s=60.0)

@@ -17,8 +17,7 @@ import torch
 
 import ray_dyncheck as rdc
 from gloo_workers import _fsdp_model
-from ray_dyncheck._sharded import live_state
-from ray_dyncheck.state import (
+from ray_dyncheck._state import (
     SHARDED_FORMAT_VERSION,
     Captured,
     capture_rank_state,
@@ -29,6 +28,7 @@ from ray_dyncheck.state import (
     write_files,
     write_manifest,
 )
+from ray_dyncheck._state.sharded import live_state
 
 # DCP warns when it loads in one process, which is what a resume at world size 1 and export do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -149,7 +149,7 @@ def test_manifest_names_outside_the_checkpoint_are_refused(tmp_path, where):
 def test_a_dcp_folder_another_library_loads_is_checked_first(tmp_path):
     """Accelerate loads a Hugging Face FSDP checkpoint's DCP folders with DCP's own reader (which
     unpickles freely): ``hf_resume_path`` checks each folder with ``check_dcp_folder`` first."""
-    from ray_dyncheck._sharded import check_dcp_folder
+    from ray_dyncheck._state.sharded import check_dcp_folder
 
     marker = tmp_path / "pwned"
     model, opt = _trained()

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ray_dyncheck.state import (
+from ray_dyncheck._state import (
     capture_rank_state,
     load_checkpoint,
     read_manifest,
@@ -131,7 +131,7 @@ def test_incomplete_checkpoint_is_detected(tmp_path):
 def test_unknown_format_version_is_refused_with_the_fix(tmp_path):
     import pyarrow.fs as pafs
 
-    from ray_dyncheck.state import read_stored_manifest
+    from ray_dyncheck._state import read_stored_manifest
 
     write_checkpoint(str(tmp_path), model=torch.nn.Linear(3, 2), optimizer=None, lr_scheduler=None, step=1,
                      kind="full", rank_states=[capture_rank_state(None)])

@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
+from ..vocab import Kind, Source
+
 logger = logging.getLogger(__name__)
 
 CHANNEL_DIR = ".dyncheck"
@@ -41,7 +43,6 @@ RECEIPTS = f"{CHANNEL_DIR}/receipts"
 RUN_MARKER = ".validate_storage_marker"
 # Everything read back from storage (request bodies, receipts, manifests, metadata) is small data.
 MAX_JSON_BYTES = 64 * 1024
-FINAL_STATUSES = ("ok", "error", "rejected", "discarded", "unserved")
 
 T = TypeVar("T")
 
@@ -228,7 +229,7 @@ def guard(errors: ErrorLog, what: str, where: str, fn: Callable[..., T], *args: 
 
 # -- request bodies -------------------------------------------------------------------------------
 
-KINDS = ("full", "weights", "none")
+KINDS = tuple(Kind)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -237,9 +238,9 @@ class Request:
     """One claimed request: what was asked for and where its claimed file now sits."""
 
     id: str
-    kind: str = "full"
+    kind: Kind = Kind.FULL
     stop: bool = False
-    source: str = "request"
+    source: Source = Source.REQUEST
     """``trigger`` (the trigger file), ``request`` (the request folder) or ``interrupt`` (the driver)."""
     path: str | None = None
     """The claimed file to delete on retirement; ``None`` when it could not be moved."""
@@ -279,7 +280,7 @@ def parse_body(raw: bytes, stem: str) -> Request:
     source = body.get("source", "request")
     if source not in ("request", "interrupt"):
         raise ValueError(f"request source must be 'request' or 'interrupt', got {source!r}")
-    return Request(id=rid, kind=kind, stop=stop, source=source)
+    return Request(id=rid, kind=Kind(kind), stop=stop, source=Source(source))
 
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.",

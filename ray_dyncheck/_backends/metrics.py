@@ -1,5 +1,5 @@
 """What rank 0 tells the dashboard: one method per event. This base records nothing (plain
-``torch.distributed`` without Ray); :class:`ray_dyncheck._ray.RayMetrics` sends each event to Ray's
+``torch.distributed`` without Ray); :class:`ray_dyncheck._backends.ray.RayMetrics` sends each event to Ray's
 metrics (Prometheus, the dashboard's Metrics view, Grafana). Every method is cheap and never raises.
 
 The series (Ray prefixes each name with ``ray_``; every one is tagged with ``ray_train_run_name`` and

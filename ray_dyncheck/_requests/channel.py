@@ -24,9 +24,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ._files import (
+from ..vocab import FINAL_STATUSES, Source, Status
+from .files import (
     CLAIMED,
-    FINAL_STATUSES,
     ID_RE,
     RECEIPTS,
     REQUESTS,
@@ -41,7 +41,7 @@ from ._files import (
     utc_now,
     write_json,
 )
-from ._trigger import Trigger
+from .trigger import Trigger
 
 __all__ = ["Request", "RequestChannel", "parse_body"]
 
@@ -195,7 +195,7 @@ class RequestChannel:
             self._discard(info.path, stem, "claimed before this run started")
             return None
         if ext == "trigger":
-            req: Request | None = Request(id=stem, source="trigger", path=info.path, attempts=attempts)
+            req: Request | None = Request(id=stem, source=Source.TRIGGER, path=info.path, attempts=attempts)
         else:
             req = self._read_request(info.path, stem)
             req = replace(req, attempts=attempts) if req is not None else None
@@ -203,7 +203,7 @@ class RequestChannel:
             why = (f"its save was started {attempts} times and each time the workers died before it was "
                    "stored (out of memory?); not trying again")
             logger.error("dyncheck: request %s: %s", stem, why)
-            self.write_receipt({"id": stem, "status": "error", "error": why, "attempts": attempts,
+            self.write_receipt({"id": stem, "status": Status.ERROR, "error": why, "attempts": attempts,
                                 "source": req.source, "requested_kind": req.kind, "stop": req.stop})
             delete_quietly(self.fs, info.path)
             return None
@@ -295,7 +295,7 @@ class RequestChannel:
             return None
         except ValueError as exc:
             logger.error("dyncheck: rejected request %s: %s", stem, exc)
-            self.write_receipt({"id": stem, "status": "rejected", "error": str(exc)})
+            self.write_receipt({"id": stem, "status": Status.REJECTED, "error": str(exc)})
             delete_quietly(self.fs, path)
             return None
 
@@ -304,7 +304,7 @@ class RequestChannel:
         written before the run)."""
         logger.warning("dyncheck: discarding request %s: %s", path, why)
         if rid is not None:
-            self.write_receipt({"id": rid, "status": "discarded", "error": why})
+            self.write_receipt({"id": rid, "status": Status.DISCARDED, "error": why})
         delete_quietly(self.fs, path)
 
     # -- answering ------------------------------------------------------------------------------
@@ -412,8 +412,8 @@ def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
                 continue
             if not (isinstance(old, dict) and old.get("status") in FINAL_STATUSES):
                 n = attempts.get(stem, 0)
-                receipt = ({"status": "error", "attempts": n, "error": f"its save was started {n} time(s) and "
-                            f"the workers died during it; {why}"} if n else {"status": "unserved", "error": why})
+                receipt = ({"status": Status.ERROR, "attempts": n, "error": f"its save was started {n} time(s) and "
+                            f"the workers died during it; {why}"} if n else {"status": Status.UNSERVED, "error": why})
                 write_json(fs, receipt_path, {"id": stem, **receipt, "time": utc_now()})
                 answered.append(stem)
             delete_quietly(fs, info.path)

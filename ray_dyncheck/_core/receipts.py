@@ -1,5 +1,9 @@
 """Rank 0's final answers for checkpoints in flight: ``ok`` only once the backend says a checkpoint
 is committed (a new run would resume from it), else ``error`` with why; one receipt per request.
+
+Built from collaborators, not from the core: ``confirm(path)`` (is it registered?), ``answer(requests,
+receipt, now)`` (write the receipts), ``settled(record, requests, path)`` (metrics, measurements) and
+``uri(path)``; so a test can drive it with plain functions.
 """
 
 from __future__ import annotations
@@ -7,14 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from ._channel import Request
-
-if TYPE_CHECKING:
-    from ._core import OnDone, WorkerCore
+from .._backends.base import OnDone
+from .._requests.files import Request
+from ..vocab import Status
 
 __all__ = ["Receipts"]
+
+Confirm = Callable[[str], tuple[bool, "str | None"]]
+"""``confirm(path) -> (committed, why not)``; may block (it runs in the commit thread)."""
+Answer = Callable[[list[Request], dict[str, Any], bool], None]
+"""``answer(requests, receipt, now)``: write their final receipts (``now``: from the upload thread, which
+Ray fails right after)."""
+Settled = Callable[[dict[str, Any], list[Request], "str | None"], None]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +39,12 @@ class Receipts:
     confirms commits in a thread of its own.
     """
 
-    def __init__(self, core: WorkerCore) -> None:
-        self.core = core
+    def __init__(self, *, rank: int, confirm: Confirm, answer: Answer, settled: Settled,
+                 uri: Callable[[str], str | None] = lambda path: path,
+                 last_step: Callable[[], int] = lambda: 0) -> None:
+        self.rank = rank
+        self._confirm, self._answer_with, self._settled, self._uri = confirm, answer, settled, uri
+        self._last_step = last_step
         self.busy = 0
         self.storing = 0
         """Checkpoints of this rank whose files are not yet stored (a save in flight)."""
@@ -57,7 +72,7 @@ class Receipts:
                 self._cv.notify_all()
             try:
                 record["path"] = path
-                if self.core.rank != 0:
+                if self.rank != 0:
                     return
                 if exc is None and path is not None:
                     with self._cv:
@@ -94,11 +109,8 @@ class Receipts:
                     return
                 record, requests, t0, path = self._queue.pop(0)
             try:
-                timeout = self.core.config.commit_timeout_s
                 try:
-                    ok = self.core.backend.committed(path, timeout)
-                    why = None if ok else (f"Ray did not register it within {timeout:g} s (or removed it at "
-                                           "once: see CheckpointConfig(num_to_keep))")
+                    ok, why = self._confirm(path)
                 except Exception as exc:  # an unreachable controller: the receipt says so
                     ok, why = False, f"could not confirm it was registered: {type(exc).__name__}: {exc}"
                 if ok:
@@ -115,36 +127,23 @@ class Receipts:
                 now: bool = False) -> None:
         receipt: dict[str, Any] = {"step": record["step"], "kind": record["kind"], "reason": record["reason"]}
         if path is not None:
-            receipt.update(status="ok", checkpoint=path, checkpoint_uri=self.core.uri(path))
+            receipt.update(status=Status.OK, checkpoint=path, checkpoint_uri=self._uri(path))
         else:
             logger.error("dyncheck: the %s checkpoint at step %d is not committed: %s", record["kind"],
                          record["step"], record["error"])
-            receipt.update(status="error", error=record["error"])
+            receipt.update(status=Status.ERROR, error=record["error"])
         with self._cv:
             if self._last is not None and self._last[0] is record:
                 self._last_receipt = receipt
             requests = list(requests)  # requests attached until now are answered here
         try:
-            self.core.settled(record, requests, path)
+            self._settled(record, requests, path)
         except Exception:  # metrics and measurements never cost a receipt
             logger.exception("dyncheck: could not record the outcome of the save at step %d", record["step"])
-        if not requests or self.core.poller is None:
-            return
-        logger.info("dyncheck: receipt %s for %s (step %d)", receipt["status"], ", ".join(r.id for r in requests),
-                    record["step"])
-        written: set[str] = set()
-        channel = self.core.channel
-        # Not while the poller holds the channel in a hung storage call: then the poller writes it.
-        if now and channel is not None and channel.lock.acquire(timeout=5.0):
-            try:
-                channel.retire(requests, receipt, written)
-                return
-            except Exception as exc:
-                logger.error("dyncheck: could not write receipts now (%s: %s); the poller retries",
-                             type(exc).__name__, exc)
-            finally:
-                channel.lock.release()
-        self.core.poller.complete(requests, receipt, written)
+        if requests:
+            logger.info("dyncheck: receipt %s for %s (step %d)", receipt["status"],
+                        ", ".join(r.id for r in requests), record["step"])
+            self._answer_with(requests, receipt, now)
 
     def attach(self, requests: list[Request]) -> None:
         """Rank 0: let the newest save answer ``requests`` too (they asked for what it holds while it
@@ -155,10 +154,9 @@ class Receipts:
                 return
             receipt = self._last_receipt
         if receipt is None:
-            receipt = {"status": "error", "step": self.core.last_step, "kind": None,
+            receipt = {"status": Status.ERROR, "step": self._last_step(), "kind": None,
                        "error": "no save in flight to answer it"}
-        if self.core.poller is not None:
-            self.core.poller.complete(requests, receipt)
+        self._answer_with(requests, receipt, False)
 
     def wait_stored(self, timeout: float) -> bool:
         """Until this rank's checkpoints are all stored; ``False`` on timeout."""

@@ -32,7 +32,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ._files import (
+from ..vocab import Source
+from .files import (
     CHANNEL_DIR,
     CLAIMED,
     RUN_MARKER,
@@ -246,7 +247,7 @@ class Trigger:
                            "(touch it again to save)", self.path)
             self._discard(dest, rid, "the trigger was written before this run started")
             return None
-        return Request(id=rid, source="trigger", path=dest)
+        return Request(id=rid, source=Source.TRIGGER, path=dest)
 
     def _claim_by_identity(self, info: pafs.FileInfo) -> Request | None:
         identity = identity_of(info)
@@ -278,7 +279,7 @@ class Trigger:
         if info.type != pafs.FileType.File:
             logger.error("dyncheck: trigger %s is acted on once but it is a directory, not a file; it will not "
                          "fire again until it changes. Remove it and touch a file instead.", self.path)
-        return Request(id=rid, source="trigger", path=dest, identity=tuple(identity))
+        return Request(id=rid, source=Source.TRIGGER, path=dest, identity=tuple(identity))
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

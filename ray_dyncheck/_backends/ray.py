@@ -13,11 +13,10 @@ import pyarrow.fs as pafs
 import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
 
-from ._core import OnDone
-from ._files import on_network_filesystem
-from ._metrics import Metrics
-from ._preempt import Notice
-from .errors import CheckpointUploadError
+from .._requests.files import on_network_filesystem
+from ..errors import CheckpointUploadError
+from .base import Backend, Notice, OnDone
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ UPLOAD_ATTEMPTS = 3
 UPLOAD_BACKOFF_S = 1.0
 
 
-class RayBackend:
+class RayBackend(Backend):
     """Runs in a Ray Train worker (inside ``train_loop_per_worker``).
 
     Checkpoints are reported with ``checkpoint_upload_mode=ASYNC`` as soon as the state is copied;

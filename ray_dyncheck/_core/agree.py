@@ -1,4 +1,4 @@
-"""The one cross-rank decision per check, and how often to check.
+"""The one cross-rank decision per check, and the other small collectives on the same side group.
 
 Shape (as in Lightning's cross-rank decisions): rank 0 computes the decision locally, one collective
 delivers it, every rank acts on the same value. The collective runs on a CPU (gloo) side group, so
@@ -14,21 +14,24 @@ Example (every rank runs this at the same step):
 from __future__ import annotations
 
 import logging
-import math
-import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Agreement", "AutoInterval", "Decision"]
+from ..errors import CheckpointRestoreError
+from ..vocab import Kind, Reason
+
+__all__ = ["Agreement", "Decision", "chosen_by_rank0", "fail_together"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = {0: None, 1: "weights", 2: "full"}
+_KINDS: dict[int, Kind | None] = {0: None, 1: Kind.WEIGHTS, 2: Kind.FULL}
 _CODES = {v: k for k, v in _KINDS.items()}
-REASONS = ("schedule", "request", "trigger", "interrupt", "preemption")
+REASONS = tuple(Reason)
 
 
 @dataclass(frozen=True)
@@ -36,20 +39,21 @@ class Decision:
     """What all ranks do at this check."""
 
     save: bool = False
-    kind: str | None = None
+    kind: Kind | None = None
     """``full`` or ``weights`` when saving."""
     stop: bool = False
     """Leave the training loop after this step (after the save, if any)."""
     next_interval: int = 1
     """Steps until the next check (``check_interval: auto``)."""
-    reason: str = "request"
-    """Why it saves: one of ``REASONS`` (for metrics and metadata on every rank)."""
+    reason: Reason = Reason.REQUEST
+    """Why it saves (for metrics and metadata on every rank)."""
     busy: bool = False
     """Some rank still has a save in flight (its files not yet stored): no new save starts."""
 
     def encode(self) -> list[int]:
-        return [int(self.save), _CODES[self.kind if self.save else None], int(self.stop),
-                max(1, int(self.next_interval)), REASONS.index(self.reason), int(self.busy)]
+        kind = Kind(self.kind) if self.save and self.kind is not None else None
+        return [int(self.save), _CODES[kind], int(self.stop),
+                max(1, int(self.next_interval)), REASONS.index(Reason(self.reason)), int(self.busy)]
 
     @classmethod
     def decode(cls, values: list[int]) -> Decision:
@@ -134,95 +138,27 @@ class Agreement:
                 logger.debug("dyncheck: side group already destroyed", exc_info=True)
 
 
-def _nice_down(n: float) -> int:
-    """The largest of 1, 2, 5, 10, 20, 50, ... that is <= n (at least 1)."""
-    if n < 2:
-        return 1
-    exp = 10 ** math.floor(math.log10(n))
-    for m in (5, 2, 1):
-        if m * exp <= n:
-            return int(m * exp)
-    return int(exp)  # pragma: no cover
+def chosen_by_rank0(agreement: Agreement, choose: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Every rank: the checkpoint rank 0's ``choose()`` picked (``None``: none). An error there
+    becomes the same :class:`~ray_dyncheck.errors.CheckpointRestoreError` on every rank."""
+    choice: Any = None
+    if agreement.rank == 0:
+        try:
+            choice = choose()
+        except Exception as exc:
+            logger.exception("dyncheck: could not list the run's checkpoints")
+            choice = {"error": f"rank 0 could not list the checkpoints: {type(exc).__name__}: {exc}"}
+    choice = agreement.broadcast(choice)  # every rank: the same checkpoint, or none
+    if isinstance(choice, dict) and "error" in choice:
+        raise CheckpointRestoreError(choice["error"])
+    return choice
 
 
-def _nice(n: float) -> int:
-    """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= n: stable intervals, fewer log lines."""
-    if n <= 1:
-        return 1
-    exp = 10 ** math.floor(math.log10(n))
-    for m in (1, 2, 5, 10):
-        if m * exp >= n:
-            return int(m * exp)
-    return int(10 * exp)  # pragma: no cover
-
-
-class AutoInterval:
-    """Rank 0's choice of the next check interval for ``check_interval: auto``.
-
-    Two limits, the longer of which is the interval:
-
-    * **the budget**: checks stay within ``max_overhead`` of training time. It keeps a smoothed step
-      time (training only, our own work excluded), what a check costs on rank 0 (the mean of the
-      last 8 without the largest: waits for a slower rank count, unless one was a one-off) and the
-      hook's own time per ordinary step; the interval is the shortest in 1, 2, 5, 10, ... for which
-      ``check / interval + per_step <= max_overhead * step``. It grows at once when over budget (at
-      most 10x per check) and shrinks only when ``SHRINK_AFTER`` checks in a row agree, to twice what
-      they need, so noise in the measured costs does not make it flap;
-    * **the floor**: about ``min_period_s`` between checks, in steps rounded down to 1, 2, 5, 10, ...
-      (so between 0.4x and 1x of it). Rank 0's poller reads storage once per poll interval, so a
-      check between two polls can carry no new request; ``WorkerCore`` passes half the poll interval.
-      It follows the smoothed step time: up at most 10x per check, down at once (with a 20 % margin).
-    """
-
-    SHRINK_AFTER = 5
-
-    def __init__(self, max_overhead: float, max_interval: int = 100_000, smoothing: float = 0.3,
-                 min_period_s: float = 0.0) -> None:
-        self.max_overhead = max_overhead
-        self.min_period_s = min_period_s
-        self.max_interval = max_interval
-        self.smoothing = smoothing
-        self.step_s: float | None = None
-        self.check_s: float | None = None
-        self.tick_s: float | None = None
-        self.interval = 1
-        self.budget = 1
-        self.floor = 1
-        self._recent_checks: list[float] = []
-        self._short: list[float] = []
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.smoothing * (new - old)
-
-    def observe(self, step_s: float, check_s: float, tick_s: float = 0.0) -> int:
-        """Record the mean step time since the last check, the last check's cost and the hook's mean
-        time per ordinary step since; return the interval."""
-        self.step_s = self._ema(self.step_s, max(step_s, 1e-9))
-        self.tick_s = self._ema(self.tick_s, max(tick_s, 0.0))
-        self._recent_checks = (self._recent_checks + [max(check_s, 0.0)])[-8:]
-        kept = sorted(self._recent_checks)[:-1] if len(self._recent_checks) > 2 else self._recent_checks
-        self.check_s = statistics.fmean(kept)
-        # What is left of the budget per step once every step's own cost is paid (if the steps alone
-        # exceed it, checks cannot help: budget them as if the steps cost nothing).
-        per_step = self.max_overhead * self.step_s - self.tick_s
-        if per_step <= 0:
-            per_step = self.max_overhead * self.step_s
-        need = self.check_s / per_step
-        if need > self.budget:
-            self.budget = min(self.max_interval, 10 * self.budget, _nice(need))
-            self._short = []
-        elif self.budget > _nice(2.5 * need):
-            self._short.append(need)
-            if len(self._short) >= self.SHRINK_AFTER:
-                self.budget = _nice(2 * max(self._short))
-                self._short = []
-        else:
-            self._short = []
-        steps = self.min_period_s / self.step_s
-        target = min(self.max_interval, _nice_down(steps))
-        if target > self.floor:
-            self.floor = min(target, 10 * self.floor)
-        elif target < self.floor and steps < 0.8 * self.floor:
-            self.floor = target
-        self.interval = max(self.floor, self.budget)
-        return self.interval
+def fail_together(agreement: Agreement, error: str | None, path: str) -> None:
+    """Every rank, after trying to load ``path``: when any rank has an ``error``, every rank raises the
+    same :class:`~ray_dyncheck.errors.CheckpointRestoreError`, so no rank trains on alone."""
+    errors = [e for e in agreement.all_gather(error) if e is not None]
+    if errors:
+        raise CheckpointRestoreError(f"resuming from {path} failed on {len(errors)} rank(s): "
+                                     f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
+                                     "or move that checkpoint aside to resume from an older one")

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
-__all__ = ["Notice", "PreemptionPlan"]
+from .._backends.base import Notice
+
+__all__ = ["PreemptionPlan"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ SAFETY = 1.5
 MARGIN_S = 5.0
 UNMEASURED_FULL_S = 60.0
 """Before any save was measured: full when at least this many seconds are left."""
-
-
-@dataclass(frozen=True)
-class Notice:
-    """What the backend says about a drain that affects this run."""
-
-    deadline: float | None
-    """When the node goes away (UNIX seconds), or ``None`` when the drain reported none."""
-    ranks: tuple[int, ...] = ()
-    nodes: tuple[str, ...] = ()
 
 
 class PreemptionPlan:

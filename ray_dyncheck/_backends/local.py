@@ -16,9 +16,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from ._core import OnDone
-from ._files import RUN_MARKER, read_json, read_json_large, resolve_run_dir, write_json
-from .state import MANIFEST_FILE
+from .._requests.files import RUN_MARKER, read_json, read_json_large, resolve_run_dir, write_json
+from .._state import MANIFEST_FILE
+from .base import Backend, OnDone
 
 __all__ = ["COMMIT_MARKER", "LocalBackend"]
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 COMMIT_MARKER = ".dyncheck-committed"
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Checkpoints in a run directory on any ``pyarrow.fs`` filesystem, without Ray.
 
     For plain ``torch.distributed`` scripts (and the GPU check). Each rank that has files stores them

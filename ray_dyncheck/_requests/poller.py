@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ._channel import Request, RequestChannel
-from ._files import ErrorLog, guard
+from ..vocab import Status
+from .channel import Request, RequestChannel
+from .files import ErrorLog, guard
 
 __all__ = ["RequestPoller"]
 
@@ -191,5 +192,5 @@ class RequestPoller:
         logger.warning("dyncheck: training ended at step %d with %d request(s) not served (%s): %s", step,
                        len(left), why, ", ".join(r.id for r in left))
         job: tuple[str, list[Request], Any] = ("retire", left,
-                                               ({"status": "unserved", "step": step, "error": why}, set()))
+                                               ({"status": Status.UNSERVED, "step": step, "error": why}, set()))
         return [] if self._do(*job) else [job]

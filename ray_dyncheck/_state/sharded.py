@@ -27,7 +27,7 @@ from typing import IO, Any, cast
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointRestoreError
+from ..errors import CheckpointRestoreError
 
 __all__ = ["DCP_DIR", "DCP_ERRORS", "check_supported", "is_sharded", "live_state", "load_full_weights", "load_sharded",
            "read_consolidated", "stays_inside", "write_sharded"]
