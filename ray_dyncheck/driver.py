@@ -6,7 +6,7 @@ signals. A handler only records the signal; a helper thread writes one request (
 on_interrupt, "stop": true}``) into the run's request folder, the same channel rank 0 already reads,
 and the main thread waits for the workers to save and stop under a deadline. The main thread never
 touches storage: a hung filesystem cannot keep Ctrl+C from working. Every wait has a deadline, the
-driver's storage calls give up in bounded time (``_files.bounded``), and when the script must stop
+driver's storage calls give up in bounded time (``_requests.files.bounded``), and when the script must stop
 while a storage call is still stuck, the main thread ends the process itself rather than leave it to
 the interpreter's exit (which waits for that call).
 
@@ -18,22 +18,18 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import os
-import posixpath
 import signal
-import sys
 import threading
 import time
-from typing import Any, Callable, NoReturn, Sequence
-
-import pyarrow.fs as pafs
+from typing import Any, NoReturn, Sequence
 
 from ._logs import console
 from ._requests.channel import answer_leftovers
-from ._requests.files import RECEIPTS, REQUESTS, bounded, filesystem_from_uri, new_id, read_json, write_json
+from ._requests.files import RECEIPTS, REQUESTS, new_id, read_json, write_json
+from ._requests.rundir import RunDir
+from ._shutdown import Job, Signals, Watchdog, exit_now, leave, stop_ray, wait_for
 from .config import DynamicCheckpointConfig, load_config
 
 __all__ = ["fit"]
@@ -49,71 +45,6 @@ REQUEST_TIMEOUT_S = 5.0
 FORCE_EXIT_S = 3.0
 # How long the end of fit() waits for leftover requests to be answered (storage may hang).
 TIDY_TIMEOUT_S = 10.0
-# How long a script that stops on a signal gives ray.shutdown() (a dead node, a stuck raylet).
-SHUTDOWN_TIMEOUT_S = 15.0
-# The last resort behind each of those deadlines: the kernel's interval timer, with SIGALRM left to
-# its default action (end the process), fires this much later. A timer thread calling os._exit is
-# the first line, but it needs the GIL and a live interpreter: it never runs while the main thread
-# holds the GIL in C code, nor once the interpreter is exiting (seen: pyarrow's atexit S3 finalizer
-# waiting, GIL held, for an S3 call stuck on a frozen server). SIGALRM needs neither. Unlike a
-# watchdog process it cannot signal a recycled pid, and it dies with us. Its status says SIGALRM
-# (142), not the signal's: it only fires when the timer thread could not.
-ALARM_MARGIN_S = 1.5
-# How often the main thread looks for signals and for the end of fit().
-POLL_S = 0.05
-
-
-class _Signals:
-    """Records signals from the handler; the main thread pops them. The handler only appends to a
-    deque: no I/O, and no lock (an ``Event.set()`` there could wait forever for the Event's own lock,
-    held by the main thread the handler interrupted)."""
-
-    def __init__(self) -> None:
-        self.received: collections.deque[tuple[int, float]] = collections.deque()
-
-    def handler(self, signum: int, _frame: Any) -> None:
-        self.received.append((signum, time.monotonic()))
-
-    def pop(self, after: float) -> tuple[int, float] | None:
-        """The oldest signal received at or after ``after``; earlier ones (duplicates) are dropped."""
-        while self.received:
-            sig = self.received.popleft()
-            if sig[1] >= after:
-                return sig
-        return None
-
-
-class _Job:
-    """A storage call on a daemon thread (driver): a hung filesystem never blocks the main thread.
-    The thread touches only its own job's fields, and ``_Job.running`` under ``_Job.lock``."""
-
-    lock = threading.Lock()
-    running: set[_Job] = set()
-    """Jobs not finished yet, of every ``fit()`` in this process: a stuck one holds up interpreter exit."""
-
-    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        self.name = name
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: Exception | None = None
-        with _Job.lock:
-            _Job.running.add(self)
-        threading.Thread(target=self._run, args=(fn, *args), name=f"dyncheck-{name}", daemon=True).start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self.result = fn(*args)
-        except Exception as exc:  # handed to the main thread, which logs it in one line
-            self.error = exc
-        finally:
-            with _Job.lock:
-                _Job.running.discard(self)
-            self.done.set()
-
-    @staticmethod
-    def busy() -> list[str]:
-        with _Job.lock:
-            return sorted(job.name for job in _Job.running)
 
 
 def fit(
@@ -151,10 +82,10 @@ def fit(
                        "Ctrl+C keeps Ray's default (no save). Call it from the main thread.")
         return trainer.fit()
 
-    run_dir = _RunDir(trainer.run_config)
+    run_dir = RunDir(trainer.run_config)
     # Resolved now, on a helper thread (even that may touch storage), while storage is likely healthy:
     # creating an S3 client waits until every S3 call in flight in the process has ended.
-    _Job("resolve", run_dir.resolve)
+    Job("resolve", run_dir.resolve)
     box: dict[str, Any] = {}
     ended = threading.Event()
 
@@ -166,17 +97,17 @@ def fit(
         finally:
             ended.set()
 
-    recorder = _Signals()
+    recorder = Signals()
     previous = {n: signal.signal(n, recorder.handler) for n in nums}
     try:
         threading.Thread(target=run, name="dyncheck-fit", daemon=True).start()
-        first = _wait(ended.is_set, recorder, None)  # the training itself: as long as it takes
+        first = wait_for(ended.is_set, recorder, None)  # the training itself: as long as it takes
         if first is None:
             _, late = _tidy(run_dir, box, None, recorder, 0.0)
             late = late or recorder.pop(0.0)  # one that came as fit() ended is not dropped either
             if late is not None and raise_on_interrupt and "error" not in box:
-                _stop_ray(late[0], nums)  # Ctrl+C while we tidied up: the script stops, as it asked
-                _leave(late[0], ended)
+                stop_ray(late[0], nums)  # Ctrl+C while we tidied up: the script stops, as it asked
+                leave(late[0], ended)
             return _outcome(box)
         signum, t_sig = first
         name = signal.Signals(signum).name
@@ -184,16 +115,16 @@ def fit(
         logger.warning("dyncheck: interrupt received (%s): asking workers %s (%s again to force)", name, ask, name)
         rid = new_id("interrupt")
         body = {"id": rid, "kind": kind, "stop": True, "source": "interrupt"}
-        write = _Job("request", lambda: write_json(*run_dir.join(REQUESTS, f"{rid}.json"), body))
+        write = Job("request", lambda: write_json(*run_dir.join(REQUESTS, f"{rid}.json"), body))
         after = t_sig + DEBOUNCE_S
-        second = _wait(write.done.is_set, recorder, time.monotonic() + REQUEST_TIMEOUT_S, after)
+        second = wait_for(write.done.is_set, recorder, time.monotonic() + REQUEST_TIMEOUT_S, after)
         written = write.done.is_set() and write.error is None
         if second is None and not written and not ended.is_set():
             cause = (f"{type(write.error).__name__}: {write.error}" if write.error is not None
                      else f"storage did not answer within {REQUEST_TIMEOUT_S:g} s")
             logger.error("dyncheck: cannot ask the workers to save: writing the interrupt request into %s "
                          "failed (%s); stopping without a save", run_dir, cause)
-            _stop_ray(signum, nums)  # the workers were not told: stopping Ray stops them
+            stop_ray(signum, nums)  # the workers were not told: stopping Ray stops them
             # A timed-out write is not cancelled and may still land: once it has ended (bounded), what
             # is in the request folder is answered, so nobody waits on a request to a stopped run.
             # If storage stays silent past the tidy deadline, the next fit() discards it as stale.
@@ -201,43 +132,43 @@ def fit(
                             why="the driver stopped the run without a save (its interrupt request could "
                                 "not be written in time)")
             if late is not None:  # Ctrl+C again while we tidied up: no more waiting
-                _exit_now(signum)
+                exit_now(signum)
             if raise_on_interrupt:
-                _leave(signum, ended)
+                leave(signum, ended)
             return box.get("result")
         if second is None:
-            second = _wait(ended.is_set, recorder, time.monotonic() + grace, after)
+            second = wait_for(ended.is_set, recorder, time.monotonic() + grace, after)
         if not ended.is_set():
             _force_exit(signum, second, grace, rid, run_dir, written, nums)
         receipt, late = _tidy(run_dir, box, rid, recorder, after, write)
         logger.warning("dyncheck: stopped after the interrupt in %.1f s; %s", time.monotonic() - t_sig,
                        _where(receipt, box))
         if late is not None:  # Ctrl+C again while we tidied up: no more waiting
-            _exit_now(signum)
+            exit_now(signum)
         if raise_on_interrupt:
             if "error" in box:
-                if _Job.busy():  # raised into the interpreter's exit, a stuck storage call would hold it
+                if Job.busy():  # raised into the interpreter's exit, a stuck storage call would hold it
                     logger.error("dyncheck: fit() raised after the interrupt: %s: %s", type(box["error"]).__name__,
                                  box["error"])
-                    _exit_now(signum)
+                    exit_now(signum)
                 raise box["error"]
-            _stop_ray(signum, nums)
-            _leave(signum, ended)
+            stop_ray(signum, nums)
+            leave(signum, ended)
         return _outcome(box)
     finally:
         for n, h in previous.items():
             signal.signal(n, h if h is not None else signal.SIG_DFL)
 
 
-def _force_exit(signum: int, second: tuple[int, float] | None, grace: float, rid: str, run_dir: _RunDir,
+def _force_exit(signum: int, second: tuple[int, float] | None, grace: float, rid: str, run_dir: RunDir,
                 written: bool, nums: list[int]) -> NoReturn:
     """Ends the process within ``FORCE_EXIT_S`` with the first signal's status. Main thread (driver)."""
-    _Watchdog(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
+    Watchdog(FORCE_EXIT_S, signum)  # from here on nothing can keep the process alive
     for n in nums:  # and a further Ctrl+C ends it at once, by the kernel's default action
         signal.signal(n, signal.SIG_DFL)
     why = (f"second {signal.Signals(second[0]).name}" if second is not None
            else f"no answer within interrupt_grace_s={grace:g} s")
-    job = _Job("receipt", lambda: read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))) if written else None
+    job = Job("receipt", lambda: read_json(*run_dir.join(RECEIPTS, f"{rid}.json"))) if written else None
     seen = ("the request is not written yet (storage has not answered)" if job is None
             else "the receipt could not be read in time" if not job.done.wait(1.0)
             else job.result or "no receipt yet (the workers have not saved)")
@@ -246,60 +177,11 @@ def _force_exit(signum: int, second: tuple[int, float] | None, grace: float, rid
     import ray
 
     ray.shutdown()
-    _exit_now(signum)
+    exit_now(signum)
 
 
-def _wait(done: Callable[[], bool], recorder: _Signals, deadline: float | None,
-          after: float = 0.0) -> tuple[int, float] | None:
-    """Until ``done()`` (``None``), a signal arrives after ``after``, or the deadline (``None``)."""
-    while not done():
-        sig = recorder.pop(after)
-        if sig is not None:
-            return sig
-        timeout = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
-        if timeout <= 0:
-            return None
-        time.sleep(timeout)  # a signal's handler runs within it; seen at the next scan
-    return None
-
-
-class _RunDir:
-    """The run directory of a ``RunConfig``, resolved on first use by whichever helper thread needs it
-    (resolving an ``s3://`` URI talks to the store). ``str()`` is a label for logs, with no I/O.
-
-    Not ``RunConfig.storage_context``: building it writes Ray's run-start marker, which must be left
-    to ``fit()`` (the controller builds its own when this one was not cached)."""
-
-    def __init__(self, run_config: Any) -> None:
-        self.config = run_config
-        self._lock = threading.Lock()
-        self._resolved: tuple[pafs.FileSystem, str] | None = None
-
-    def __str__(self) -> str:
-        base, q, query = str(self.config.storage_path).partition("?")  # s3://b/p?endpoint_override=...
-        return posixpath.join(base, str(self.config.name)) + q + query
-
-    def resolve(self) -> tuple[pafs.FileSystem, str]:
-        """The filesystem Ray stores the run on (as ``get_fs_and_path`` resolves it), with bounded
-        retries and timeouts: an S3/GCS one the user gave is rebuilt from its own options."""
-        with self._lock:
-            if self._resolved is None:
-                path = str(self.config.storage_path)
-                fs = self.config.storage_filesystem
-                if fs is None:
-                    fs, path = filesystem_from_uri(path)
-                else:
-                    fs = bounded(fs)
-                self._resolved = fs, posixpath.join(path, str(self.config.name))
-            return self._resolved
-
-    def join(self, *parts: str) -> tuple[pafs.FileSystem, str]:
-        fs, root = self.resolve()
-        return fs, posixpath.join(root, *parts)
-
-
-def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Signals, after: float,
-          write: _Job | None = None, why: str | None = None
+def _tidy(run_dir: RunDir, box: dict[str, Any], rid: str | None, recorder: Signals, after: float,
+          write: Job | None = None, why: str | None = None
           ) -> tuple[dict[str, Any] | None, tuple[int, float] | None]:
     """``fit()`` has ended (or Ray was stopped): once the interrupt's ``write`` has ended, requests
     nobody served get ``unserved`` receipts (saying ``why``), then the interrupt's receipt (request
@@ -316,8 +198,8 @@ def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Sig
         answered = answer_leftovers(*run_dir.resolve(), why)
         return answered, read_json(*run_dir.join(RECEIPTS, f"{rid}.json")) if rid else None
 
-    job = _Job("leftovers", answer)
-    sig = _wait(job.done.is_set, recorder, deadline, after)
+    job = Job("leftovers", answer)
+    sig = wait_for(job.done.is_set, recorder, deadline, after)
     if not job.done.is_set():
         logger.error("dyncheck: requests left in %s not answered: %s", run_dir,
                      f"{signal.Signals(sig[0]).name} received" if sig is not None
@@ -332,74 +214,6 @@ def _tidy(run_dir: _RunDir, box: dict[str, Any], rid: str | None, recorder: _Sig
                         ", ".join(answered))
         return found, sig
     return None, sig
-
-
-class _Watchdog:
-    """Ends the process ``seconds`` from now with the signal's status unless cancelled: a timer thread
-    calls ``os._exit``, and the kernel's SIGALRM ``ALARM_MARGIN_S`` later if that thread cannot run.
-    Armed and cancelled from the main thread (driver); an application's own interval timer is put
-    back on cancel, with the time that passed taken off."""
-
-    def __init__(self, seconds: float, signum: int) -> None:
-        self._timer = threading.Timer(seconds, os._exit, args=(128 + signum,))
-        self._timer.daemon = True
-        self._timer.start()
-        self._armed = time.monotonic()
-        self._handler = signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        self._previous = signal.setitimer(signal.ITIMER_REAL, seconds + ALARM_MARGIN_S)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-        delay, interval = self._previous
-        left = max(delay - (time.monotonic() - self._armed), 1e-3) if delay > 0 else 0.0
-        signal.setitimer(signal.ITIMER_REAL, left, interval)
-        signal.signal(signal.SIGALRM, self._handler if self._handler is not None else signal.SIG_DFL)
-
-
-def _stop_ray(signum: int, nums: Sequence[int] = ()) -> None:
-    """Shut Ray down, within ``SHUTDOWN_TIMEOUT_S`` (else the process ends with the signal's status).
-    The script is stopping as asked; left to Ray's atexit hook, the shutdown would turn an uncaught
-    KeyboardInterrupt's exit status into 1 instead of "killed by SIGINT" (130). Meanwhile the signals
-    ``nums`` take the kernel's default action: one more Ctrl+C ends the process at once, instead of
-    waiting for the shutdown. Main thread (driver); ``fit`` restores the handlers afterwards."""
-    import ray
-
-    for n in nums:
-        signal.signal(n, signal.SIG_DFL)
-    watchdog = _Watchdog(SHUTDOWN_TIMEOUT_S, signum)
-    try:
-        ray.shutdown()
-    finally:
-        watchdog.cancel()
-
-
-def _leave(signum: int, ended: threading.Event) -> NoReturn:
-    """The script stops for ``signum`` (Ray already shut down): raise ``KeyboardInterrupt`` (SIGINT)
-    or ``SystemExit(128 + signum)`` as Python would, so the script's own ``finally`` blocks run. But
-    if a storage call of ours, or ``trainer.fit()``, is still running, the interpreter's exit would
-    wait for it (pyarrow's atexit S3 finalizer waits for every S3 call in flight): end it here."""
-    busy = _Job.busy() + ([] if ended.is_set() else ["fit"])
-    if busy:
-        logger.warning("dyncheck: ending the process now (status %d): still running: %s", 128 + signum,
-                       ", ".join(busy))
-        _exit_now(signum)
-    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def _exit_now(signum: int) -> NoReturn:
-    """Flush the logs and stdio, then end the process with the signal's status, from the main thread
-    and without the interpreter's exit (no atexit hooks, no finalizers that wait for stuck threads).
-    A flush that blocks (a stuck log handler or pipe) is cut short by the kernel's alarm."""
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    if not 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= ALARM_MARGIN_S:  # keep a sooner one
-        signal.setitimer(signal.ITIMER_REAL, ALARM_MARGIN_S)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):  # None, closed, or a broken pipe: nothing to keep
-            pass
-    os._exit(128 + signum)
 
 
 def _outcome(box: dict[str, Any]) -> Any:

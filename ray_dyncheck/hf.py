@@ -14,33 +14,23 @@ Example (inside ``train_loop_per_worker``)::
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import random
-import re
 import shutil
-import tempfile
 import threading
-import weakref
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
-
 from ._backends.base import Backend
-from ._backends.local import LocalBackend
 from ._core import Plan, WorkerCore
-from ._hf_resume import SCHEDULER_FILE, hf_resume_path, release_downloads, weights_resume
-from ._state import write_manifest
+from ._hf.files import CHECKPOINT_PREFIX, share, stage
+from ._hf.registry import close_core, forget, release_leftovers, track
+from ._hf.resume import hf_resume_path, release_downloads, weights_resume
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind, Reason
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-    from transformers.training_args import ParallelMode
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(
         "DynamicCheckpointCallback needs the Hugging Face extra: pip install 'ray_dyncheck[transformers]' "
@@ -51,27 +41,6 @@ __all__ = ["DynamicCheckpointCallback", "hf_resume_path"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-STAGING_DIR = ".dyncheck-staging"
-# A rank's own files of checkpoint-N: its RNG state, and its shard of a DCP folder (FSDP's sharded
-# state dict: pytorch_model_fsdp_0/__<rank>_0.distcp, optimizer_0/...).
-_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
-
-
-@dataclass
-class _Open:
-    """A callback's core from ``on_train_begin`` until it is closed, and the thread that trains with it."""
-
-    core: WorkerCore
-    thread: threading.Thread
-    owner: weakref.ref[DynamicCheckpointCallback]
-
-
-_open_lock = threading.Lock()
-_open: dict[int, _Open] = {}
-"""Every callback's open core, by ``id(core)``: what a ``train()`` that raised left behind is found
-here. Guarded by ``_open_lock`` (training threads; the interpreter's exit)."""
-_at_exit = False
 
 
 class DynamicCheckpointCallback(TrainerCallback):
@@ -167,10 +136,18 @@ class DynamicCheckpointCallback(TrainerCallback):
         ``on_train_begin`` HF has not read the RNG states of the checkpoint it resumes from yet)."""
         core, self._core, self._pending = self._core, None, None
         if core is not None:
-            _forget(core)
-            _close(core, clean)
-        elif isinstance(self._backend, LocalBackend):
+            forget(core)
+            close_core(core, clean)
+        elif self._backend is not None:
             self._backend.close(timeout=0.0)
+
+    def _release_if_own(self, core: WorkerCore) -> bool:
+        """What :mod:`~ray_dyncheck._hf.registry` calls for a ``train()`` that raised: release all (no
+        collective) if ``core`` is still this callback's."""
+        if self._core is not core:
+            return False
+        self._release(clean=False)
+        return True
 
     # -- HF events (every rank) ----------------------------------------------------------------
 
@@ -184,14 +161,14 @@ class DynamicCheckpointCallback(TrainerCallback):
         # now, on this rank alone (no collective); its claims stay for the new core's poller.
         if self._core is not None:
             self._release(clean=False)
-        _release_leftovers()
+        release_leftovers()
         backend = self._backend
         if backend is None:
             from ._backends.ray import RayBackend
 
             backend = RayBackend()
         self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
-        _track(self, self._core)
+        track(self._core, self._release_if_own)
         self._first_step = True
         self._core.start_at(state.global_step)
         self._finish_weights_resume(state, kwargs.get("lr_scheduler"))
@@ -251,24 +228,25 @@ class DynamicCheckpointCallback(TrainerCallback):
         assert kind is not None
         output_dir = str(args.output_dir)
         source = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}-{step}")
-        share: dict[str, int] = {}
+        mine: dict[str, int] = {}
         error: str | None = None
         try:
-            share = self._share(args, source, rng_left_out=only_model)
+            mine = share(core.rank, args, source, rng_left_out=only_model)
         except Exception as exc:
             logger.exception("dyncheck: rank %d could not list its files of %s", core.rank, source)
             error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
         # Every rank's files (rank 0's manifest lists them all) and errors. Also a barrier: every
         # rank's RNG file is written before rank 0 lists a shared checkpoint-N.
-        gathered: list[Any] = core.agreement.all_gather((share, error))
+        gathered: list[Any] = core.agreement.all_gather((mine, error))
         errors = [e for _, e in gathered if e is not None]
         directory = None
         if errors:
             error = "; ".join(errors)  # the same on every rank: nobody passes files
         else:
             try:
-                directory = self._stage(source, output_dir, step, kind, kwargs.get("lr_scheduler"),
-                                        [s for s, _ in gathered])
+                directory = stage(source, output_dir, step=step, kind=kind, lr_scheduler=kwargs.get("lr_scheduler"),
+                                  shares=[s for s, _ in gathered], rank=core.rank, world_size=core.world_size,
+                                  merged=core.backend.merges_rank_dirs, backend_name=type(core.backend).__name__)
             except Exception as exc:
                 logger.exception("dyncheck: rank %d could not stage %s for Ray", core.rank, source)
                 error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
@@ -319,62 +297,6 @@ class DynamicCheckpointCallback(TrainerCallback):
                 self._only_model_before = None
             return current
 
-    def _share(self, args: TrainingArguments, source: str, rng_left_out: bool) -> dict[str, int]:
-        """This rank's files of HF's ``checkpoint-N`` (``{path: bytes}``), after adding its RNG file,
-        in HF's format and name, when HF did not write it (``save_only_model``)."""
-        core = self._core
-        assert core is not None
-        if core.rank == 0 and not os.path.isdir(source):
-            raise FileNotFoundError(f"Trainer saved no {source}")
-        rng_file = os.path.join(source, "rng_state.pth" if args.world_size <= 1
-                                else f"rng_state_{args.process_index}.pth")
-        if rng_left_out or not os.path.isfile(rng_file):
-            os.makedirs(source, exist_ok=True)  # on other ranks HF may not have made it
-            torch.save(_hf_rng_state(args), rng_file)
-        return {path: size for path, size in _sizes(source, os.listdir(source)).items() if _owner(path) == core.rank}
-
-    def _stage(self, source: str, output_dir: str, step: int, kind: Kind, lr_scheduler: Any,
-               shares: list[dict[str, int]]) -> str | None:
-        """This rank's share of HF's ``checkpoint-N``, hard-linked (or copied) into a directory of its
-        own that the backend deletes once it is stored. Rank 0 adds ``scheduler.pt`` (weights only)
-        and the manifest of every rank's files (``shares``, in rank order)."""
-        core = self._core
-        assert core is not None
-        rank, merged = core.rank, core.backend.merges_rank_dirs
-        if rank != 0 and not merged:
-            return None  # this backend stores rank 0's directory only
-        names = [path for path in sorted(_sizes(source, os.listdir(source)))
-                 if _owner(path) == rank or (rank == 0 and not merged)]
-        root = os.path.join(output_dir, STAGING_DIR)
-        os.makedirs(root, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f"step{step}-rank{rank}-", dir=root)
-        try:
-            for name in names:  # file by file: a folder may hold other ranks' shards
-                os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
-                _link_or_copy(os.path.join(source, name), os.path.join(staging, name))
-            if rank == 0:
-                if kind == Kind.WEIGHTS and lr_scheduler is not None and not os.path.exists(
-                        os.path.join(staging, SCHEDULER_FILE)):
-                    # HF's save_only_model leaves the scheduler out; it is small, and without it a
-                    # resume would restart the LR schedule at its first step.
-                    torch.save(lr_scheduler.state_dict(), os.path.join(staging, SCHEDULER_FILE))
-                files = _sizes(staging, os.listdir(staging))
-                for other, share in enumerate(shares[1:], start=1):
-                    for name, size in share.items():
-                        if merged:
-                            files[name] = size  # stored into the same checkpoint by rank `other`
-                        elif files.get(name) != size:
-                            raise FileNotFoundError(
-                                f"rank {other}'s {name} is not in {source} on rank 0: "
-                                f"{type(core.backend).__name__} stores rank 0's files only, so every rank "
-                                "needs the same output_dir")
-                write_manifest(staging, files, kind=kind, step=step, world_size=core.world_size,
-                               layout="transformers")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return staging
-
     def _finish_weights_resume(self, state: TrainerState, lr_scheduler: Any) -> None:
         """After HF resumed from a weights-only checkpoint: HF restored the step, weights and RNG;
         restore the LR schedule (HF loads it only together with an optimizer) and say the optimizer
@@ -400,84 +322,3 @@ class DynamicCheckpointCallback(TrainerCallback):
                            else ", and so does the LR schedule (no scheduler.pt)")
 
 
-def _track(callback: DynamicCheckpointCallback, core: WorkerCore) -> None:
-    global _at_exit
-    with _open_lock:
-        _open[id(core)] = _Open(core, threading.current_thread(), weakref.ref(callback))
-        if not _at_exit:  # registered on first use: importing this module changes nothing
-            _at_exit = True
-            atexit.register(_release_leftovers, everyone=True)
-
-
-def _forget(core: WorkerCore) -> None:
-    with _open_lock:
-        _open.pop(id(core), None)
-
-
-def _release_leftovers(*, everyone: bool = False) -> None:
-    """Close the cores that ``train()`` calls which raised left open: those of this thread (it is
-    not in one of them: a thread trains once at a time), of threads that have ended, or (``everyone``,
-    at interpreter exit) all."""
-    me = threading.current_thread()
-    with _open_lock:  # taken out under the lock: two threads (or atexit) never close the same core
-        keys = [k for k, rec in _open.items() if everyone or rec.thread is me or not rec.thread.is_alive()]
-        stale = [_open.pop(k) for k in keys]
-    for rec in stale:
-        owner = rec.owner()
-        if owner is not None and owner._core is rec.core:
-            owner._release(clean=False)
-            continue
-        _close(rec.core, clean=False)
-
-
-def _close(core: WorkerCore, clean: bool) -> None:
-    """Close ``core``, then end its :class:`LocalBackend`'s store thread (the core waited for its stores)."""
-    try:
-        core.close(clean=clean)
-    finally:
-        if isinstance(core.backend, LocalBackend):
-            core.backend.close(timeout=0.0)
-
-
-def _owner(path: str) -> int:
-    """The rank whose file of ``checkpoint-N`` this is (a path relative to it): ``rng_state_<k>.pth`` and
-    DCP shards ``__<k>_<n>.distcp`` are rank k's, the rest rank 0's."""
-    m = _RANK_FILE.match(os.path.basename(path))
-    return int(m.group(1) or m.group(2)) if m else 0
-
-
-def _hf_rng_state(args: TrainingArguments) -> dict[str, Any]:
-    """This rank's RNG states as ``transformers.Trainer._save_rng_state`` writes them (CPU, CUDA),
-    so HF's ``_load_rng_state`` restores them on resume."""
-    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                              "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = (torch.cuda.random.get_rng_state_all() if args.parallel_mode == ParallelMode.DISTRIBUTED
-                          else torch.cuda.random.get_rng_state())
-    return states
-
-
-def _sizes(root: str, names: Iterable[str]) -> dict[str, int]:
-    """``{path relative to root: bytes}`` of ``names`` in ``root``, folders walked."""
-    sizes = {}
-    for name in names:
-        path = os.path.join(root, name)
-        if not os.path.isdir(path):
-            sizes[name] = os.path.getsize(path)
-            continue
-        for base, _dirs, files in os.walk(path):
-            for file in files:
-                sizes[os.path.relpath(os.path.join(base, file), root)] = os.path.getsize(os.path.join(base, file))
-    return sizes
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if os.path.isdir(src):
-        os.makedirs(dst)
-        for name in os.listdir(src):
-            _link_or_copy(os.path.join(src, name), os.path.join(dst, name))
-        return
-    try:
-        os.link(src, dst)  # same filesystem: no copy of a multi-GB model
-    except OSError:
-        shutil.copy2(src, dst)

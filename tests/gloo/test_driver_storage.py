@@ -11,8 +11,9 @@ import pyarrow.fs as pafs
 import pytest
 from s3_local import frozen, s3_server, s3_uri, s3fs
 
-from ray_dyncheck import driver, request_save
+from ray_dyncheck import request_save
 from ray_dyncheck._requests.files import REQUESTS, write_json
+from ray_dyncheck._requests.rundir import RunDir
 from ray_dyncheck.errors import RunNotFoundError
 
 # A frozen server fails one bounded call after RETRY_ATTEMPTS x REQUEST_TIMEOUT_S (~17 s measured); a
@@ -34,7 +35,7 @@ def test_storage_calls_give_up_in_bounded_time_on_a_frozen_server(s3):
     from ray.train import RunConfig
 
     write_json(s3fs(s3), "bucket/ray_results/run/.validate_storage_marker", {})  # a run directory
-    run_dir = driver._RunDir(RunConfig(name="run", storage_path=s3_uri(s3)))
+    run_dir = RunDir(RunConfig(name="run", storage_path=s3_uri(s3)))
     run_dir.resolve()
     users_fs, _ = pafs.FileSystem.from_uri(s3_uri(s3))
     calls = {

@@ -7,15 +7,16 @@ import threading
 import time
 
 from ray_dyncheck import driver
+from ray_dyncheck._shutdown import Signals, wait_for
 
 
 def test_wait_hands_out_every_signal_once_in_order():
-    rec = driver._Signals()
+    rec = Signals()
     for signum in (signal.SIGINT, signal.SIGTERM):
         rec.handler(signum, None)
     never = lambda: False  # noqa: E731
-    assert [driver._wait(never, rec, time.monotonic() + 1)[0] for _ in range(2)] == [signal.SIGINT, signal.SIGTERM]
-    assert driver._wait(never, rec, time.monotonic() + 0.2) is None
+    assert [wait_for(never, rec, time.monotonic() + 1)[0] for _ in range(2)] == [signal.SIGINT, signal.SIGTERM]
+    assert wait_for(never, rec, time.monotonic() + 0.2) is None
 
     def lands_mid_loop():  # a signal that arrives while the wait is between its checks
         if not rec.received and not landed:
@@ -24,18 +25,18 @@ def test_wait_hands_out_every_signal_once_in_order():
         return False
 
     landed: list[int] = []
-    assert driver._wait(lands_mid_loop, rec, time.monotonic() + 1)[0] == signal.SIGINT
+    assert wait_for(lands_mid_loop, rec, time.monotonic() + 1)[0] == signal.SIGINT
     threading.Timer(0.3, rec.handler, args=(signal.SIGTERM, None)).start()  # one during the sleep
     t0 = time.monotonic()
-    assert driver._wait(never, rec, time.monotonic() + 5)[0] == signal.SIGTERM
+    assert wait_for(never, rec, time.monotonic() + 5)[0] == signal.SIGTERM
     assert time.monotonic() - t0 < 1.0
 
 
 def test_wait_drops_duplicates_inside_the_debounce():
-    rec = driver._Signals()
+    rec = Signals()
     rec.handler(signal.SIGINT, None)
-    (_, t_first) = driver._wait(lambda: False, rec, None)
+    (_, t_first) = wait_for(lambda: False, rec, None)
     rec.handler(signal.SIGINT, None)  # the terminal's copy, milliseconds later
-    assert driver._wait(lambda: False, rec, time.monotonic() + 0.2, after=t_first + driver.DEBOUNCE_S) is None
+    assert wait_for(lambda: False, rec, time.monotonic() + 0.2, after=t_first + driver.DEBOUNCE_S) is None
     assert not rec.received
 

@@ -122,9 +122,9 @@ def test_each_rank_owns_its_rng_file_and_its_dcp_shards():
     """Under FSDP's sharded state dict every rank writes ``__<rank>_0.distcp`` into HF's folders: that
     rank reports it (a node-local output_dir works), the rest is rank 0's. (HF Trainer under
     accelerate's FSDP itself is not run here: see the README.)"""
-    from ray_dyncheck.hf import _owner
+    from ray_dyncheck._hf.files import owner
 
-    owners = {p: _owner(p) for p in ("rng_state_3.pth", "pytorch_model_fsdp_0/__2_0.distcp",
+    owners = {p: owner(p) for p in ("rng_state_3.pth", "pytorch_model_fsdp_0/__2_0.distcp",
                                      "optimizer_0/__1_0.distcp", "pytorch_model_fsdp_0/.metadata",
                                      "trainer_state.json", "model.safetensors", "rng_state.pth")}
     assert owners == {"rng_state_3.pth": 3, "pytorch_model_fsdp_0/__2_0.distcp": 2, "optimizer_0/__1_0.distcp": 1,

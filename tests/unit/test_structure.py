@@ -15,7 +15,7 @@ LAYERS = [
     {"_state"},
     {"_backends"},
     {"_core"},
-    {"_pipeline", "_hf_resume"},
+    {"_pipeline", "_hf", "_shutdown"},
     {"hook", "hf", "client", "driver", "export", "cli", "__init__", "__main__"},
 ]
 

@@ -21,11 +21,11 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from ._backends.base import Backend
-from ._core.agree import Agreement, chosen_by_rank0, fail_together
-from ._requests.files import read_capped
-from ._state import MANIFEST_FILE, read_manifest, read_stored_manifest
-from ._state.sharded import check_dcp_folder
+from .._backends.base import Backend
+from .._core.agree import Agreement, chosen_by_rank0, fail_together
+from .._requests.files import read_capped
+from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
+from .._state.sharded import check_dcp_folder
 
 __all__ = ["hf_resume_path"]
 
@@ -113,7 +113,7 @@ def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None =
             download or check the checkpoint (no rank trains on from it).
     """
     if backend is None:
-        from ._backends.ray import RayBackend
+        from .._backends.ray import RayBackend
 
         backend = RayBackend()
     release_downloads()  # an earlier one this thread never trained from (its train() raised first)
