@@ -25,7 +25,7 @@ from .._backends.base import Backend
 from .._core.agree import Agreement, chosen_by_rank0, fail_together
 from .._requests.files import read_capped
 from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
-from .._state.sharded import check_dcp_folder
+from .._state.dcp_safe import check_dcp_folder
 
 __all__ = ["hf_resume_path"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from .._requests.files import read_capped
-from .sharded import stays_inside
+from .dcp_safe import stays_inside
 
 __all__ = [
     "FORMAT_VERSION",

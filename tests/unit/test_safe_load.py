@@ -149,7 +149,7 @@ def test_manifest_names_outside_the_checkpoint_are_refused(tmp_path, where):
 def test_a_dcp_folder_another_library_loads_is_checked_first(tmp_path):
     """Accelerate loads a Hugging Face FSDP checkpoint's DCP folders with DCP's own reader (which
     unpickles freely): ``hf_resume_path`` checks each folder with ``check_dcp_folder`` first."""
-    from ray_dyncheck._state.sharded import check_dcp_folder
+    from ray_dyncheck._state.dcp_safe import check_dcp_folder
 
     marker = tmp_path / "pwned"
     model, opt = _trained()
