@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .._backends.base import Notice
-from .._requests.files import Request
 from .._requests.poller import RequestPoller
+from .._requests.request import Request
 from ..vocab import Kind, Reason, Source
 from .agree import Agreement, Decision
 from .preempt import PreemptionPlan

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._backends.base import OnDone
-from .._requests.files import Request
+from .._requests.request import Request
 from ..vocab import Status
 
 __all__ = ["Receipts"]

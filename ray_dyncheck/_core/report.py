@@ -15,7 +15,7 @@ import torch
 
 from .._backends.base import Backend
 from .._backends.metrics import Metrics
-from .._requests.files import Request
+from .._requests.request import Request
 from .._state import FORMAT_VERSION
 from ..vocab import Kind, Reason, Status
 from .agree import Agreement

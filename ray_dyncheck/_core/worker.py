@@ -26,8 +26,9 @@ from .._backends.base import Backend
 from .._backends.metrics import Metrics
 from .._logs import console
 from .._requests.channel import RequestChannel
-from .._requests.files import Request, bounded
+from .._requests.files import bounded
 from .._requests.poller import RequestPoller
+from .._requests.request import Request
 from ..config import DynamicCheckpointConfig
 from ..vocab import Kind, Reason, Status
 from .agree import Agreement

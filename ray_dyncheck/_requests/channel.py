@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,28 +26,24 @@ import pyarrow.fs as pafs
 from ..vocab import FINAL_STATUSES, Source, Status
 from .files import (
     CLAIMED,
-    ID_RE,
     RECEIPTS,
     REQUESTS,
     RUN_MARKER,
     ErrorLog,
-    Request,
     delete_quietly,
     ensure_dir,
     guard,
-    parse_body,
     read_capped,
     utc_now,
     write_json,
 )
+from .leftovers import answer_leftovers, attempt_marks
+from .request import ID_RE, Request, parse_body
 from .trigger import Trigger
 
-__all__ = ["Request", "RequestChannel", "parse_body"]
+__all__ = ["Request", "RequestChannel", "answer_leftovers", "parse_body"]
 
 logger = logging.getLogger(__name__)
-
-_ATTEMPT_RE = re.compile(r"^(.+)\.attempt(\d+)$")
-
 
 class RequestChannel:
     """Reads, claims and retires requests in one run directory. Used from rank 0's poller thread.
@@ -137,11 +132,7 @@ class RequestChannel:
     def _recover_claimed(self) -> list[Request]:
         """Claimed, not in hand and not answered: pending again (a restart keeps requests)."""
         infos = self._list(CLAIMED)
-        attempts: dict[str, list[str]] = {}
-        for info in infos:
-            m = _ATTEMPT_RE.match(info.base_name)
-            if m:
-                attempts.setdefault(m.group(1), []).append(info.path)
+        attempts = {stem: list(marks.values()) for stem, marks in attempt_marks(infos).items()}
         out = []
         claims = set()
         triggers_read = True
@@ -382,42 +373,3 @@ class RequestChannel:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(msg, *args)
-
-
-def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
-    """After a run has ended: every request still waiting or claimed gets a final receipt (unless it
-    has one) and is removed: ``unserved``, or ``error`` for a claim whose save was started (attempt
-    marks) and never finished, i.e. the workers died during it. Returns the ids answered. Any process.
-    """
-    answered = []
-    for sub in (CLAIMED, REQUESTS):  # a claim knows its attempts: answered first
-        infos = fs.get_file_info(pafs.FileSelector(posixpath.join(run_dir, sub), allow_not_found=True))
-        attempts: dict[str, int] = {}
-        for info in infos:
-            m = _ATTEMPT_RE.match(info.base_name)
-            if m:
-                attempts[m.group(1)] = max(attempts.get(m.group(1), 0), int(m.group(2)))
-        for info in infos:
-            stem, _, ext = info.base_name.rpartition(".")
-            if info.type != pafs.FileType.File or info.base_name.startswith(".") or ext not in ("json", "trigger"):
-                continue
-            receipt_path = posixpath.join(run_dir, RECEIPTS, f"{stem}.json")
-            try:
-                old = json.loads(read_capped(fs, receipt_path))
-            except FileNotFoundError:
-                old = None
-            except (OSError, ValueError) as exc:  # cannot tell: never overwrite what may be final
-                logger.error("dyncheck: cannot read receipt %s (%s); leaving request %s as it is",
-                             receipt_path, exc, stem)
-                continue
-            if not (isinstance(old, dict) and old.get("status") in FINAL_STATUSES):
-                n = attempts.get(stem, 0)
-                receipt = ({"status": Status.ERROR, "attempts": n, "error": f"its save was started {n} time(s) and "
-                            f"the workers died during it; {why}"} if n else {"status": Status.UNSERVED, "error": why})
-                write_json(fs, receipt_path, {"id": stem, **receipt, "time": utc_now()})
-                answered.append(stem)
-            delete_quietly(fs, info.path)
-        for info in infos:  # attempt marks of claims now gone
-            if _ATTEMPT_RE.match(info.base_name):
-                delete_quietly(fs, info.path)
-    return answered

@@ -37,7 +37,6 @@ from .files import (
     CHANNEL_DIR,
     CLAIMED,
     RUN_MARKER,
-    Request,
     delete_quietly,
     ensure_dir,
     filesystem_from_uri,
@@ -46,6 +45,7 @@ from .files import (
     utc_now,
     write_json,
 )
+from .request import Request
 
 __all__ = ["Trigger"]
 
