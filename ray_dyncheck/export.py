@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 
-import pyarrow.fs as pafs
 import safetensors.torch
 import torch
 
 from ._requests.files import resolve_run_dir
 from ._state import MODEL_FILE, read_stored_manifest
+from ._state.fetch import local_directory
 from ._state.sharded import read_consolidated
 from .errors import CheckpointRestoreError
 
@@ -38,15 +37,8 @@ def _local(checkpoint: str) -> Iterator[tuple[str, dict]]:
     if manifest is None:
         raise ValueError(f"{checkpoint} is not a ray_dyncheck checkpoint (no dyncheck.json): pass a checkpoint "
                          "directory, e.g. one listed by `ray-dyncheck status RUN`")
-    if fs.type_name == "local":
-        yield path, manifest
-        return
-    tmp = tempfile.mkdtemp(prefix="dyncheck-export-")
-    try:
-        pafs.copy_files(path, tmp, source_filesystem=fs)
-        yield tmp, manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with local_directory(fs, path, "dyncheck-export-") as local:
+        yield local, manifest
 
 
 def export_checkpoint(checkpoint: str, out: str) -> list[str]:

@@ -29,6 +29,7 @@ from ._state import (
     read_stored_manifest,
     unwrap_model,
 )
+from ._state.fetch import STOP, newest
 from ._state.sharded import DCP_ERRORS, check_supported
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind, Reason
@@ -236,20 +237,18 @@ class DynamicCheckpoint:
         storage = self.backend.storage()
         if storage is None:
             return None
-        for i, path in enumerate(self.backend.checkpoints()):
-            try:
-                manifest = read_stored_manifest(storage[0], path)
-            except (OSError, ValueError) as exc:  # a torn or unreadable checkpoint: try the one before it
-                logger.error("dyncheck: skipping checkpoint %s: %s", path, exc)
-                continue
-            if manifest is None:
-                if i == 0:
-                    logger.warning("dyncheck: the newest checkpoint (%s) was not written by "
-                                   "ray_dyncheck; training state left as it is", path)
-                    return None
-                continue
-            return {"path": path}
-        return None
+        fs = storage[0]
+
+        def judge(path: str, is_newest: bool) -> Any:
+            if read_stored_manifest(fs, path) is not None:  # raises when torn or unreadable: skipped
+                return {"path": path}
+            if is_newest:
+                logger.warning("dyncheck: the newest checkpoint (%s) was not written by ray_dyncheck; training "
+                               "state left as it is", path)
+                return STOP
+            return None
+
+        return newest(self.backend.checkpoints(), judge)
 
     # -- the per-step call -------------------------------------------------------------------------
 

@@ -6,18 +6,18 @@ import contextlib
 import logging
 import posixpath
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, ContextManager
 
 import pyarrow.fs as pafs
 import torch
 
 from .._requests.files import RUN_MARKER, read_json, read_json_large, resolve_run_dir, write_json
 from .._state import MANIFEST_FILE
+from .._state.fetch import local_directory
 from .base import Backend, OnDone
 
 __all__ = ["COMMIT_MARKER", "LocalBackend"]
@@ -179,15 +179,6 @@ class LocalBackend(Backend):
         for _, path in sorted(found, reverse=True):
             yield path
 
-    @contextlib.contextmanager
-    def open(self, path: str) -> Iterator[str]:
+    def open(self, path: str) -> ContextManager[str]:
         """A checkpoint as a local directory (downloaded first from a remote filesystem)."""
-        if self.fs.type_name == "local":
-            yield path
-            return
-        tmp = tempfile.mkdtemp(prefix="dyncheck-restore-")
-        try:
-            pafs.copy_files(path, tmp, source_filesystem=self.fs)
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return local_directory(self.fs, path)

@@ -13,7 +13,6 @@ import logging
 import os
 import posixpath
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +25,7 @@ from .._core.agree import Agreement, chosen_by_rank0, fail_together
 from .._requests.files import read_capped
 from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
 from .._state.dcp_safe import check_dcp_folder
+from .._state.fetch import download, newest
 
 __all__ = ["hf_resume_path"]
 
@@ -47,25 +47,23 @@ def _choose(fs: pafs.FileSystem, paths: Iterable[str],
             log: Callable[..., None] = logger.error) -> dict[str, Any] | None:
     """Rank 0: the newest complete ``Trainer`` checkpoint of ``paths`` (newest first), checked over
     ``fs`` without downloading it; ``None`` when there is none."""
-    for path in paths:
-        try:
-            manifest = read_stored_manifest(fs, path)
-            if manifest is not None:
-                if TRAINER_STATE not in manifest["files"]:
-                    raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
-                subdir = None
-            elif fs.get_file_info(posixpath.join(path, TRAINER_STATE)).type == pafs.FileType.File:
-                subdir = None
-            elif fs.get_file_info(posixpath.join(path, RAY_LAYOUT_DIR, TRAINER_STATE)).type == pafs.FileType.File:
-                subdir = RAY_LAYOUT_DIR  # written by Ray's RayTrainReportCallback
-            else:
+
+    def judge(path: str, is_newest: bool) -> dict[str, Any]:
+        manifest = read_stored_manifest(fs, path)
+        if manifest is not None:
+            if TRAINER_STATE not in manifest["files"]:
                 raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
-        except (OSError, ValueError) as exc:
-            log("dyncheck: skipping checkpoint %s: %s", path, exc)
-            continue
+            subdir = None
+        elif fs.get_file_info(posixpath.join(path, TRAINER_STATE)).type == pafs.FileType.File:
+            subdir = None
+        elif fs.get_file_info(posixpath.join(path, RAY_LAYOUT_DIR, TRAINER_STATE)).type == pafs.FileType.File:
+            subdir = RAY_LAYOUT_DIR  # written by Ray's RayTrainReportCallback
+        else:
+            raise ValueError(f"not a Hugging Face Trainer checkpoint (no {TRAINER_STATE})")
         return {"path": path, "subdir": subdir, "manifest": manifest is not None,
                 "kind": manifest["kind"] if manifest else "full", "step": manifest["step"] if manifest else None}
-    return None
+
+    return newest(paths, judge, log)
 
 
 def weights_resume(backend: Backend, step: int) -> dict[str, Any] | None:
@@ -138,8 +136,7 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
             fs = storage[0]
             root = choice["path"]
             if fs.type_name != "local":
-                root = downloaded = tempfile.mkdtemp(prefix="dyncheck-resume-", dir=download_dir)
-                pafs.copy_files(choice["path"], root, source_filesystem=fs)
+                root = downloaded = download(fs, choice["path"], prefix="dyncheck-resume-", dir=download_dir)
             if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
                 raise ValueError(f"{root} has no {MANIFEST_FILE}")
             local = root if choice["subdir"] is None else os.path.join(root, choice["subdir"])

@@ -130,7 +130,7 @@ def test_the_resume_download_is_removed_when_train_raises(tmp_path, tmpdir_of_ou
     assert ours()["tmp"] == []
 
 
-def test_closing_the_hook_ends_the_local_backends_store_thread(tmp_path):
+def test_closing_the_hook_ends_the_local_backends_store_thread(tmp_path, tmpdir_of_our_own):
     baseline = ours()
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
