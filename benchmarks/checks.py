@@ -106,7 +106,7 @@ def worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> N
             hooks[v] = rdc.DynamicCheckpoint({"check_interval": OURS[v]}, model=model, optimizer=opt,
                                              backend=rdc.LocalBackend(run_dir))
             if v == "auto, no floor":
-                hooks[v]._core._auto.min_period_s = 0.0
+                hooks[v]._core.cadence.auto.min_period_s = 0.0
 
             def ours(hook: Any = hooks[v]) -> bool:
                 d = hook.step()
@@ -169,14 +169,13 @@ def worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> N
         result["variants"][v] = {"step_s": rows[v]["step_s"], "in_call": rows[v]["in_call"],
                                  "in_call_ranks": [r[v] for r in per_rank]}
         if v in hooks:
-            core = hooks[v]._core
-            result["variants"][v]["interval"] = core.interval if OURS[v] == "auto" else OURS[v]
+            result["variants"][v]["interval"] = hooks[v].check_interval if OURS[v] == "auto" else OURS[v]
     # Reaction: touch the trigger at a random moment; train until every rank decided.
     reactions: dict[str, list[dict[str, float]]] = {}
     for v in variants:
         if v.startswith("none"):
             continue
-        interval = hooks[v]._core.interval if OURS.get(v) == "auto" else (OURS.get(v) or PEERS[v])
+        interval = hooks[v].check_interval if OURS.get(v) == "auto" else (OURS.get(v) or PEERS[v])
         worst = interval * (sleep_s + 1e-3) + (1.0 if v in OURS else 0.0)  # ours: + the poll interval
         if worst > reaction_cap_s:
             continue

@@ -11,7 +11,9 @@ receipt), alternately by touching the trigger ``<run>/dyncheck.save`` and by
   claimed    the poller claimed the request (the backend's ``metrics.request`` event)
   decided    the training thread entered the ``dc.step()`` whose check decided to save
   committed  the checkpoint was committed (commit marker written; ``metrics.committed``)
-  receipt    the final receipt ``<run>/.dyncheck/receipts/<id>.json`` was written
+  receipt    the final receipt ``<run>/.dyncheck/receipts/<id>.json`` was written (read back from the
+             receipts folder: the file's modification time, or the receipt's own ``time``, taken
+             just before its write, when that is later, as on an object store that keeps whole seconds)
 
 each from the moment the requesting call started. Also the steps from the request to the decision
 and how long that save blocked training. Medians with 90 % bootstrap intervals over the requests.
@@ -21,6 +23,7 @@ and how long that save blocked training. Medians with 90 % bootstrap intervals o
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import random
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -50,12 +54,14 @@ class _Clock(Metrics):
     def __init__(self) -> None:
         self.claimed: list[tuple[float, str]] = []
         self.committed_at: list[float] = []
+        self.commit_seen = threading.Event()
 
     def request(self, source: str) -> None:
         self.claimed.append((time.time(), source))
 
     def committed(self, kind: str, reason: str, seconds: float) -> None:
         self.committed_at.append(time.time())
+        self.commit_seen.set()
 
 
 class _TimedBackend(rdc.LocalBackend):
@@ -70,6 +76,35 @@ def _first_after(times: list[float], t: float) -> float | None:
     return next((x for x in times if x >= t), None)
 
 
+def _receipt_files(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    return [i for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+
+
+def _wait_for_receipt(fs: pafs.FileSystem, folder: str, known: int, committed: threading.Event,
+                      timeout: float) -> bool:
+    """Until the receipts folder holds more than ``known`` receipts: read every 250 ms, every 10 ms once
+    the hook has committed a checkpoint (its receipts follow at once)."""
+    deadline = time.monotonic() + timeout
+    while len(_receipt_files(fs, folder)) <= known:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01 if committed.is_set() else 0.25)
+    return True
+
+
+def _receipts(fs: pafs.FileSystem, folder: str) -> list[tuple[float, dict[str, Any]]]:
+    """Every receipt in the folder, oldest first: when it was written (its file's modification time, or
+    its own ``time`` when later: an object store keeps whole seconds) and its body."""
+    out = []
+    for info in _receipt_files(fs, folder):
+        with fs.open_input_stream(info.path) as f:
+            body = json.loads(f.read())
+        made = datetime.strptime(body["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        out.append((max(made, (info.mtime_ns or 0) / 1e9), body))
+    return sorted(out, key=lambda r: r[0])
+
+
 def _trials(fs: pafs.FileSystem, run_dir: str, n: int, seed: int) -> dict[str, Any]:
     """Train while ``n`` requests are made one after another; every time in seconds from the request."""
     torch.manual_seed(0)
@@ -78,18 +113,7 @@ def _trials(fs: pafs.FileSystem, run_dir: str, n: int, seed: int) -> dict[str, A
     x = torch.randn(16, 32)
     backend = _TimedBackend(run_dir, filesystem=fs)
     dc = rdc.DynamicCheckpoint({"check_interval": "auto"}, model=model, optimizer=opt, backend=backend)
-    channel = dc._core.channel
-    assert channel is not None
-    receipts: list[tuple[float, dict[str, Any]]] = []
-    receipt_seen = threading.Event()
-    write_receipt = channel.write_receipt
-
-    def timed_write_receipt(receipt: dict[str, Any]) -> None:
-        write_receipt(receipt)
-        receipts.append((time.time(), dict(receipt)))
-        receipt_seen.set()
-
-    channel.write_receipt = timed_write_receipt  # type: ignore[method-assign]
+    folder = posixpath.join(run_dir, ".dyncheck", "receipts")
     decisions: list[tuple[float, int, float]] = []  # (step() entered, step, blocked s)
     trials: list[dict[str, Any]] = []
     errors: list[str] = []
@@ -101,7 +125,8 @@ def _trials(fs: pafs.FileSystem, run_dir: str, n: int, seed: int) -> dict[str, A
             for i in range(n):
                 time.sleep(rng.uniform(0.2, 1.2))  # a random phase against the poller
                 source = "trigger" if i % 2 == 0 else "request"
-                receipt_seen.clear()
+                known = len(_receipt_files(fs, folder))
+                backend.metrics.commit_seen.clear()
                 step0, t0 = dc.global_step, time.time()
                 if source == "trigger":
                     with fs.open_output_stream(posixpath.join(run_dir, "dyncheck.save")):
@@ -109,7 +134,7 @@ def _trials(fs: pafs.FileSystem, run_dir: str, n: int, seed: int) -> dict[str, A
                 else:
                     rdc.request_save(run_dir, filesystem=fs)
                 t_written = time.time()
-                if not receipt_seen.wait(60):
+                if not _wait_for_receipt(fs, folder, known, backend.metrics.commit_seen, 60):
                     errors.append(f"trial {i}: no receipt within 60 s")
                     return
                 trials.append({"source": source, "t0": t0, "step0": step0, "write_s": t_written - t0})
@@ -130,13 +155,14 @@ def _trials(fs: pafs.FileSystem, run_dir: str, n: int, seed: int) -> dict[str, A
             t_enter = time.time()
             decision = dc.step()
             if decision is not None and decision.save:
-                decisions.append((t_enter, dc.global_step, dc._pipeline.last_blocked_s))
-        interval = dc._core.interval
+                decisions.append((t_enter, dc.global_step, dc.last_blocked_s))
+        interval = dc.check_interval
         step_s = (time.perf_counter() - t_loop) / max(1, dc.global_step - step_loop)
         thread.join(5)
     finally:
         dc.close()
     clock = backend.metrics
+    receipts = _receipts(fs, folder)
     rows = []
     for trial in trials:
         t0 = trial["t0"]

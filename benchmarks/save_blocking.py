@@ -112,8 +112,8 @@ class _Methods:
         dc.global_step += 1
         t0 = time.perf_counter()
         dc.save("full")
-        blocked = dc._pipeline.last_blocked_s
-        dc._core.wait_stored()
+        blocked = dc.last_blocked_s
+        dc.wait_stored()
         done = time.perf_counter() - t0
         run = os.path.join(self.root, f"run-{mode}")
         for name in os.listdir(run):
@@ -204,8 +204,8 @@ def _ray_train(config: dict[str, Any]) -> None:
             copies.append(methods.copy()["blocked"])
             dc.global_step += 1
             dc.save("full")
-            blocked.append(dc._pipeline.last_blocked_s)
-            dc._core.wait_stored()
+            blocked.append(dc.last_blocked_s)
+            dc.wait_stored()
     if ray.train.get_context().get_world_rank() == 0:
         with open(config["out"], "w") as f:
             json.dump({"blocked": statistics.median(blocked), "copy": statistics.median(copies)}, f)

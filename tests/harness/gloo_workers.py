@@ -270,14 +270,14 @@ def fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str, c
             record["decisions"].append(dc.global_step)
         if dc.global_step in case.get("save_at", []):
             dc.save(case.get("kind", "full"))
-        if dc._core.in_flight:
+        if dc.in_flight:
             record["in_flight"].append(dc.global_step)
         record["weights"][str(dc.global_step)] = _full_weights(model)
         if dc.should_stop:
             break
     dc.close()
     record["saves"] = dc.saves
-    record["blocked_s"] = dc._pipeline.last_blocked_s
+    record["blocked_s"] = dc.last_blocked_s
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     dist.destroy_process_group()

@@ -107,7 +107,7 @@ def agreed_error_worker(rank: int, world_size: int, port: int, run_dir: str, out
             dc.save("weights")
         finally:
             tempfile.tempdir = None
-    dc._core.wait_stored()
+    dc.wait_stored()
     t0 = time.monotonic()
     dc.close(clean=False)
     record = {"buffers": writes.buffers, "saves": dc.saves, "close_s": time.monotonic() - t0,

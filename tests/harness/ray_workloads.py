@@ -56,7 +56,7 @@ def train_fn(config: dict) -> None:
                                lr_scheduler=sched) as dc:
         info = dc.restore()
         start = dc.global_step
-        reads_requests = dc._core.poller is not None  # only rank 0 polls the request channel
+        reads_requests = dc.reads_requests  # only rank 0 polls the request channel
         if rank == 0:  # every (re)start of the group, in order
             with open(os.path.join(out, "starts.log"), "a") as f:
                 f.write(f"{start}\n")

@@ -38,9 +38,9 @@ def make(tmp_path, cfg, counter=None):
 
 def wait_claimed(dc, timeout=10.0):
     deadline = time.time() + timeout
-    while time.time() < deadline and not dc._core.poller._pending:
+    while time.time() < deadline and not dc.pending_requests:
         time.sleep(0.02)
-    assert dc._core.poller._pending, "the poller did not claim the trigger"
+    assert dc.pending_requests, "the poller did not claim the trigger"
 
 
 def ckpt_dirs(tmp_path):
@@ -119,7 +119,6 @@ def test_check_steps_after_a_resume_and_when_disabled(tmp_path):
     ``enabled: false`` never checks, and its schedule still saves."""
     dc, _ = make(tmp_path / "a", {"check_interval": 5})
     dc.global_step = 7
-    dc._core.start_at(7)
     checks = [dc.global_step for _ in range(10) if dc.step() is not None]
     assert checks == [10, 15]
     dc.close()

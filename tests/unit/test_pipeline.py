@@ -18,6 +18,11 @@ import ray_dyncheck as rdc
 from ray_dyncheck._state import MODEL_FILE, read_manifest
 
 
+def _writers() -> set[threading.Thread]:
+    """The live writer threads of every pipeline in this process (``dyncheck-write``)."""
+    return {t for t in threading.enumerate() if t.name == "dyncheck-write"}
+
+
 def _hook(tmp_path, write, device="cpu", keep_all=True, **cfg):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2).to(device)
@@ -104,6 +109,7 @@ def test_each_checkpoint_holds_its_own_steps_weights_while_writes_queue_on_cuda(
 
 
 def test_close_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog):
+    before = _writers()
     writes = HeldWrites(limit_s=120)
     dc, model, opt = _hook(tmp_path, writes, commit_timeout_s=1.0)
     _train(dc, model, opt)
@@ -130,8 +136,9 @@ def test_close_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplog):
     assert took[0] < 0.5 + 1.0 + 2.0
     assert ("the write of the step-1 checkpoint is still running after" in caplog.text
             and "raise commit_timeout_s" in caplog.text), caplog.text
-    dc._pipeline._thread.join(30)
-    assert not dc._pipeline._thread.is_alive()
+    for thread in _writers() - before:  # this hook's writer
+        thread.join(30)
+    assert not _writers() - before
     assert _stored(tmp_path / "run") == {}, "a write given up at close is never stored"
 
 
@@ -143,6 +150,7 @@ def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplo
 
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    before = _writers()
     writes = HeldWrites(limit_s=120)
     dc, model, opt = _hook(tmp_path, writes, commit_timeout_s=1.0, save_mode="sync")
     _train(dc, model, opt)
@@ -157,5 +165,6 @@ def test_a_sync_save_gives_up_on_a_hung_write_after_its_deadline(tmp_path, caplo
     assert "the write did not finish within commit_timeout_s=1 s" in caplog.text, caplog.text
     dc.close()
     assert _stored(tmp_path / "run") == {}
-    dc._pipeline._thread.join(30)
+    for thread in _writers() - before:  # this hook's writer
+        thread.join(30)
     assert os.listdir(tmp_path / "tmp") == [], "the folder of the write given up is removed"

@@ -19,7 +19,7 @@ def test_two_requests_at_one_check_share_a_checkpoint_with_two_receipts(tmp_path
     b = rdc.request_save(str(run), kind="weights")
     assert a["status"] == b["status"] == "pending"
     deadline = time.time() + 10
-    while len(dc._core.poller._pending) < 2 and time.time() < deadline:
+    while dc.pending_requests < 2 and time.time() < deadline:
         time.sleep(0.02)
     for _ in range(5):
         dc.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -154,10 +155,17 @@ def test_parse_body_rejects_unknown_fields():
         parse_body(b'{"stop": "yes"}', "x")
 
 
+def pollers() -> set[threading.Thread]:
+    """The live poller threads in this process (``dyncheck-poller``)."""
+    return {t for t in threading.enumerate() if t.name == "dyncheck-poller"}
+
+
 def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
     ch = channel(run)
+    before = pollers()
     poller = RequestPoller(ch, interval_s=0.05).start()
     try:
+        [thread] = pollers() - before  # this poller's
         (run / "dyncheck.save").touch()
         deadline = time.time() + 10
         got = []
@@ -177,7 +185,7 @@ def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
                 time.sleep(0.02)
             got = poller.take()
         assert [r.source for r in got] == ["trigger"]
-        assert poller._thread.is_alive()
+        assert thread.is_alive()
         assert caplog.text.count("cannot read requests") == 1, caplog.text
         # Storage back: a request written now is claimed.
         folder.unlink()
@@ -193,7 +201,7 @@ def test_poller_claims_in_background_and_survives_storage_errors(run, caplog):
         assert receipts(run)["later"]["step"] == 3
     finally:
         poller.close(timeout=5)
-    assert not poller._thread.is_alive()
+    assert not thread.is_alive()
 
 
 def test_trigger_on_another_filesystem_is_claimed_by_identity(tmp_path, run):
