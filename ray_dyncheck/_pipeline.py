@@ -133,8 +133,7 @@ class SavePipeline:
                                      step)
                     error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             # Every rank: nobody starts a write (a collective when sharded) that another rank will not join.
-            if agreement.any_rank(error is not None):
-                error = error or "another rank could not capture its state (see its log)"
+            error = agreement.shared_error(error, "capture its state")
             if error is None and captured is not None and directory is not None and copier is not None:
                 job = _Write(step, directory, captured, states, copier)
                 written = self._submit(job)

@@ -252,16 +252,14 @@ class DynamicCheckpointCallback(TrainerCallback):
                 error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
             # One rank's error means no rank passes its files: half a checkpoint is never reported.
             try:
-                failed = core.agreement.any_rank(error is not None)
+                error = core.agreement.shared_error(error, "stage its files")
             except BaseException:
                 if directory is not None:  # a peer is gone: the error goes on up, the staged files go now
                     shutil.rmtree(directory, ignore_errors=True)
                 raise
-            if failed:
-                if directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-                    directory = None
-                error = error or "another rank could not stage its files (see its log)"
+            if error is not None and directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory = None
         metrics: dict[str, Any] = {}
         for log in state.log_history:  # the latest value of each logged metric, as Ray's callback does
             metrics.update({k: v for k, v in log.items() if isinstance(v, (int, float))})

@@ -104,6 +104,13 @@ class Agreement:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
+    def shared_error(self, error: str | None, what: str) -> str | None:
+        """Every rank: ``None`` when no rank has an error; else this rank's ``error``, or, on a rank that
+        had none, that another rank could not ``what`` (one small collective)."""
+        if self.any_rank(error is not None):
+            return error or f"another rank could not {what} (see its log)"
+        return None
+
     def gather(self, obj: object) -> list[object] | None:
         """Collect one small picklable object per rank on rank 0 (only when saving)."""
         if self.group is None:

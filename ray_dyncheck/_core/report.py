@@ -83,9 +83,9 @@ class Reporter:
             except Exception as exc:
                 logger.exception("dyncheck: could not attach metadata to the checkpoint at step %d", step)
                 error = f"rank 0: metadata: {type(exc).__name__}: {exc}"
-        if self.backend.merges_rank_dirs and self.agreement.any_rank(error is not None):
+        if self.backend.merges_rank_dirs:
             # Every rank: the others' shares must not be merged into a checkpoint rank 0 dropped.
-            error = error or "another rank could not write its part (see its log)"
+            error = self.agreement.shared_error(error, "write its part")
         if error is not None and directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
             directory = None
