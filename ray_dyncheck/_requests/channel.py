@@ -26,7 +26,6 @@ import pyarrow.fs as pafs
 from ..vocab import FINAL_STATUSES, Source, Status
 from .files import (
     CLAIMED,
-    RECEIPTS,
     REQUESTS,
     RUN_MARKER,
     ErrorLog,
@@ -34,10 +33,9 @@ from .files import (
     ensure_dir,
     guard,
     read_capped,
-    utc_now,
-    write_json,
 )
-from .leftovers import answer_leftovers, attempt_marks
+from .leftovers import answer_leftovers, attempt_marks, mark_attempts
+from .receipts import ReceiptFolder
 from .request import ID_RE, Request, parse_body
 from .trigger import Trigger
 
@@ -60,9 +58,10 @@ class RequestChannel:
         self.fs = fs
         self.run_dir = run_dir.rstrip("/")
         self.max_attempts = max_attempts
+        self.receipts = ReceiptFolder(fs, self.run_dir)
         # No I/O here (the constructor runs on the training thread): a URI's filesystem is made at the
         # first poll, on the poller thread.
-        self.trigger = Trigger(fs, self.run_dir, trigger_file_path, discard=self._discard, answered=self._answered)
+        self.trigger = Trigger(fs, self.run_dir, trigger_file_path, discard=self._discard, answered=self.receipts.final)
         self._trigger_blocked = True
         """Until a rescan has read every trigger claim: their versions must be known before a poll of the
         trigger (a version claimed before a restart must not fire again)."""
@@ -174,7 +173,7 @@ class RequestChannel:
             except ValueError:  # a moved trigger holds whatever the user wrote into it
                 pass
         # A final receipt next: an answered claim is only removed, whatever else holds for it.
-        receipt = self._receipt(stem)
+        receipt = self.receipts.read(stem)
         if receipt is not None and receipt.get("status") in FINAL_STATUSES:
             logger.info("dyncheck: claim %s already has its final receipt (%s); retiring it", stem,
                         receipt["status"])
@@ -199,23 +198,6 @@ class RequestChannel:
             delete_quietly(self.fs, info.path)
             return None
         return req
-
-    def _answered(self, rid: str) -> bool:
-        receipt = self._receipt(rid)
-        return receipt is not None and receipt.get("status") in FINAL_STATUSES
-
-    def _receipt(self, rid: str) -> dict[str, Any] | None:
-        """The receipt written for ``rid``, or ``None``. A storage error raises: the caller must not
-        take "cannot read" for "not answered" (that would save an answered request again)."""
-        try:
-            raw = read_capped(self.fs, self.path(RECEIPTS, f"{rid}.json"))
-        except FileNotFoundError:
-            return None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
 
     def _poll_folder(self) -> list[Request]:
         out = []
@@ -248,7 +230,7 @@ class RequestChannel:
             # failed): the same request, already claimed. Removed, never claimed a second time.
             delete_quietly(self.fs, info.path)
             return None
-        if dest in self._known or self._receipt(stem) is not None:
+        if dest in self._known or self.receipts.read(stem) is not None:
             # One id, one request, one receipt: serving it would overwrite that receipt (or the claim
             # in hand). Left where it is, said once; the end of the run removes it.
             self._warn_once(info.path, "dyncheck: ignoring request %s: its id was used before (it has a "
@@ -303,13 +285,7 @@ class RequestChannel:
     def mark_attempt(self, requests: Sequence[Request]) -> None:
         """A save for these claims starts: one more attempt each (an empty file next to the claim)."""
         with self.lock:
-            self._mark_attempt(requests)
-
-    def _mark_attempt(self, requests: Sequence[Request]) -> None:
-        for req in requests:
-            if req.path is not None:
-                with self.fs.open_output_stream(f"{req.path.rsplit('.', 1)[0]}.attempt{req.attempts + 1}"):
-                    pass
+            mark_attempts(self.fs, requests)
 
     def retire(self, requests: Sequence[Request], receipt: dict[str, Any], written: set[str] | None = None) -> None:
         """Write one final receipt per request, then delete its claim (and attempt marks). The
@@ -352,18 +328,8 @@ class RequestChannel:
             raise OSError(f"cannot delete answered claim(s): {'; '.join(failed)}")
 
     def write_receipt(self, receipt: dict[str, Any]) -> bool:
-        """Write a request's final receipt, unless it already has one: a final receipt is never
-        overwritten, whichever path answers again. Returns whether it was written; a storage error
-        raises (an unreadable receipt is never taken for a missing one)."""
-        rid = receipt["id"]
-        old = self._receipt(rid)
-        if old is not None and old.get("status") in FINAL_STATUSES:
-            logger.warning("dyncheck: request %s already has its final receipt (%s); not writing %s", rid,
-                           old["status"], receipt.get("status"))
-            return False
-        receipt.setdefault("time", utc_now())
-        write_json(self.fs, self.path(RECEIPTS, f"{rid}.json"), receipt)
-        return True
+        """Write a request's final receipt, unless it already has one (see :meth:`ReceiptFolder.write`)."""
+        return self.receipts.write(receipt)
 
     def _list(self, sub: str) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.path(sub), allow_not_found=True)

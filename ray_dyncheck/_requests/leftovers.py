@@ -13,8 +13,9 @@ import pyarrow.fs as pafs
 
 from ..vocab import FINAL_STATUSES, Status
 from .files import CLAIMED, RECEIPTS, REQUESTS, delete_quietly, read_capped, utc_now, write_json
+from .request import Request
 
-__all__ = ["ATTEMPT_RE", "answer_leftovers", "attempt_marks"]
+__all__ = ["ATTEMPT_RE", "answer_leftovers", "attempt_marks", "mark_attempts"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,14 @@ def attempt_marks(infos: Iterable[pafs.FileInfo]) -> dict[str, dict[int, str]]:
         if m:
             marks.setdefault(m.group(1), {})[int(m.group(2))] = info.path
     return marks
+
+
+def mark_attempts(fs: pafs.FileSystem, requests: Iterable[Request]) -> None:
+    """A save for these claims starts: one more attempt each (an empty file next to the claim)."""
+    for req in requests:
+        if req.path is not None:
+            with fs.open_output_stream(f"{req.path.rsplit('.', 1)[0]}.attempt{req.attempts + 1}"):
+                pass
 
 
 def answer_leftovers(fs: pafs.FileSystem, run_dir: str, why: str) -> list[str]:
