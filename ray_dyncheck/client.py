@@ -73,7 +73,7 @@ def request_save(run: str, *, kind: str = "full", stop: bool = False, wait: bool
 
     Returns:
         The receipt (``status``: ``ok`` with ``checkpoint`` and ``step``; ``error``; ``rejected``;
-        ``discarded``), or ``{"id", "status": Status.PENDING}`` without ``wait``.
+        ``discarded``), or ``{"id", "status": "pending"}`` without ``wait``.
 
     Raises:
         RunNotFoundError: ``run`` is not a reachable Ray run directory.
@@ -85,7 +85,7 @@ def request_save(run: str, *, kind: str = "full", stop: bool = False, wait: bool
     rid = new_id("req")
     write_json(fs, posixpath.join(path, REQUESTS, f"{rid}.json"), {"id": rid, "kind": kind, "stop": stop})
     if not wait:
-        return {"id": rid, "status": Status.PENDING}
+        return {"id": rid, "status": Status.PENDING.value}
     deadline = None if timeout is None else time.monotonic() + timeout
     receipt_path = posixpath.join(path, RECEIPTS, f"{rid}.json")
     while True:

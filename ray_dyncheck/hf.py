@@ -21,7 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ._backends.base import Backend
+from ._backends.base import Backend, require
 from ._core import Plan, WorkerCore
 from ._hf.files import CHECKPOINT_PREFIX, share, stage
 from ._hf.registry import close_core, forget, release_leftovers, track
@@ -92,7 +92,7 @@ class DynamicCheckpointCallback(TrainerCallback):
     def __init__(self, config: DynamicCheckpointConfig | Mapping[str, Any] | str | None = None, *,
                  backend: Backend | None = None) -> None:
         self.config = load_config(config)
-        self._backend = backend
+        self._backend = backend if backend is None else require(backend)
         self._core: WorkerCore | None = None
         self._pending: Plan | None = None
         """A save the agreed plan asked HF for, until ``on_save`` reports it."""

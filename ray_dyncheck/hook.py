@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._backends.base import Backend
+from ._backends.base import Backend, require
 from ._backends.local import LocalBackend
 from ._core import WorkerCore
 from ._core.agree import Agreement, Decision, chosen_by_rank0, fail_together
@@ -90,7 +90,7 @@ class DynamicCheckpoint:
             from ._backends.ray import RayBackend
 
             backend = RayBackend()
-        self.backend = backend
+        self.backend = require(backend)
         self.rank, self.world_size = backend.rank, backend.world_size
         check_supported(unwrap_model(model))
         self._step = 0
@@ -265,12 +265,9 @@ class DynamicCheckpoint:
         scheduled = self._save_steps is not None and step % self._save_steps == 0
         if not scheduled and self._core.tick(step, t_enter):
             return None  # most steps: no check due, no schedule
-        plan = self._core.check(step, full_due=scheduled)
+        plan = self._core.check(step, schedule=scheduled)
         if plan is not None and plan.save:
             self._pipeline.save(plan, metrics)
-        elif scheduled:  # a schedule no check agreed on: at most one save in flight, so wait for the last
-            self._core.wait_stored()
-            self._pipeline.save(self._core.plan(step, Kind.FULL, Reason.SCHEDULE), metrics)
         if plan is not None and plan.stop:
             self.should_stop = True
         self._core.end_step()

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from .metrics import Metrics
 
-__all__ = ["Backend", "Notice", "OnDone"]
+__all__ = ["Backend", "Notice", "OnDone", "require"]
 
 OnDone = Callable[[str | None, BaseException | None], None]
 """``on_done(path, error)``: one rank's files of one checkpoint are stored at ``path``, or finally failed."""
@@ -94,3 +94,12 @@ class Backend:
 
 REQUIRED = ("storage", "prepare", "report", "committed", "checkpoints", "open")
 """The members a backend must implement (the rest have defaults)."""
+
+
+def require(backend: object) -> Backend:
+    """``backend``, if it is a :class:`Backend`; else a ``TypeError`` that says how to make it one."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must subclass ray_dyncheck.Backend (it supplies the defaults of metrics, "
+                        f"preemption(), node_local() and close()), got {type(backend).__name__}: declare it as "
+                        f"`class {type(backend).__name__}(ray_dyncheck.Backend)`")
+    return backend

@@ -106,8 +106,8 @@ class Cadence:
             self.interval = self.auto.observe(self._train_s / steps, self._check_s, self._tick_s / max(1, steps - 1))
         return self.interval
 
-    def checked(self, step: int, agreed_interval: int, t_enter: float, *, rank0: bool) -> None:
-        """Every rank after the check's collective: the next check step; the check's own cost."""
+    def checked(self, step: int, agreed_interval: int, *, rank0: bool) -> None:
+        """Every rank after the check's collective: the next check step."""
         if self.auto is not None:
             if rank0 and self._logged_interval != agreed_interval and self.auto.step_s:
                 self._logged_interval = agreed_interval
@@ -118,6 +118,9 @@ class Cadence:
             self.next_check = step + agreed_interval
         else:
             self.next_check = self._first_check_after(step)
+
+    def measured(self, t_enter: float) -> None:
+        """The end of a check that began at ``t_enter`` (its own cost, for ``auto``): the timers start over."""
         self._check_s = time.perf_counter() - t_enter
         self._tick_s = 0.0
         self._train_s, self._steps_since_check = 0.0, 0

@@ -73,26 +73,31 @@ def decide(requests: Sequence[Request], interval: int) -> Decision:
 class Decider:
     """One per rank: the decision at each check.
 
-    Rank 0 takes the claimed requests from ``poller``, reads the backend's preemption ``notice``
+    Rank 0 takes the claimed requests from ``poller()``, reads the backend's preemption ``notice``
     (``read_notice``), and folds both into its local decision; :meth:`decide` delivers it to every
     rank and applies what only the collective can tell (a save in flight on some rank).
     ``count_request`` counts a preemption notice as a request (metrics); ``attach`` lets the save in
     flight answer requests too; ``last`` says the kind and step of the newest save (every rank).
     """
 
-    def __init__(self, agreement: Agreement, plan: PreemptionPlan, *, poller: RequestPoller | None,
+    def __init__(self, agreement: Agreement, plan: PreemptionPlan, *, poller: Callable[[], RequestPoller | None],
                  read_notice: Callable[[], Notice | None], count_request: Callable[[str], None],
                  attach: Callable[[list[Request]], None], last: Callable[[], tuple[Kind | None, int | None]]) -> None:
         self.agreement = agreement
         self.rank = agreement.rank
         self.preemption = plan
-        self.poller = poller
+        self._poller = poller
         self._read_notice = read_notice
         self._count_request = count_request
         self._attach = attach
         self._last = last
         self._notice_logged: Notice | None = None
         self._notice_broken = False
+
+    @property
+    def poller(self) -> RequestPoller | None:
+        """Rank 0's poller while it runs (``None`` elsewhere, and once closed)."""
+        return self._poller()
 
     def decide(self, step: int, interval: int, busy: bool) -> tuple[Decision, list[Request], float]:
         """Every rank at a check step: ``(agreed decision, rank 0's requests for it, seconds spent on

@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
-from .._backends.base import Backend
+from .._backends.base import Backend, require
 from .._backends.metrics import Metrics
 from .._logs import console
 from .._requests.channel import RequestChannel
@@ -55,6 +56,7 @@ class WorkerCore:
         self.saves: list[dict[str, Any]] = saves if saves is not None else []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         self.agreement = Agreement(timeout_s=config.collective_timeout_s)  # collective: every rank is here
+        require(backend)
         self.metrics: Metrics = backend.metrics if backend.metrics is not None else Metrics()
         self.poller: RequestPoller | None = None
         self.channel: RequestChannel | None = None
@@ -73,7 +75,8 @@ class WorkerCore:
                                  preemption=preemption, saves=self.saves,
                                  answer=lambda requests, receipt: self._answer(list(requests), receipt, False),
                                  gauges=self._gauges)
-        self.decider = Decider(self.agreement, preemption, poller=poller, read_notice=backend.preemption,
+        self.decider = Decider(self.agreement, preemption, poller=lambda: self.poller,
+                               read_notice=lambda: self.backend.preemption(),
                                count_request=self.metrics.request, attach=self.receipts.attach,
                                last=self._last_save)
 
@@ -118,27 +121,48 @@ class WorkerCore:
         """The common step at the cost of a counter: ``True`` when nothing is due; else call :meth:`check`."""
         return self.cadence.tick(step, t_enter)
 
-    def check(self, step: int, *, full_due: bool = False) -> Plan | None:
+    def check(self, step: int, *, full_due: bool = False, schedule: bool = False) -> Plan | None:
         """Every rank, once per optimizer step, with the number of the step just finished: at check steps
-        all ranks agree on one plan (one collective); ``None`` on other steps. ``full_due``: a schedule
-        saves a full checkpoint at this step anyway, so an agreed save is a full one."""
+        all ranks agree on one plan (one collective); ``None`` on other steps.
+
+        ``full_due``: a full save happens at this step anyway (the framework's own schedule), so an agreed
+        save is a full one. ``schedule`` (``save_steps``): the same, and the core plans that full save
+        itself when no agreed one covers it, waiting first for this rank's previous save to be stored;
+        the requests of a stop without a save are then answered by it."""
         due, t_enter = self.cadence.enter(step)
         if not due:
-            return None
-        interval = self.cadence.observe() if self.rank == 0 else self.cadence.interval
+            return self._scheduled(step, None) if schedule else None
+        interval = self.cadence.interval
+        if self.rank == 0:
+            try:
+                interval = self.cadence.observe()
+            except Exception:  # never skip the collective: keep the interval there is
+                logger.exception("dyncheck: could not measure the check interval at step %d", step)
         decision, requests, marks_s = self.decider.decide(step, interval, self.in_flight)
-        kind = Kind.widest(decision.kind, Kind.FULL if full_due else None) if decision.save else None
-        plan = Plan(step, kind, decision.reason, decision.stop, decision, requests=tuple(requests))
-        self.cadence.checked(step, decision.next_interval, t_enter + marks_s, rank0=self.rank == 0)
+        self.cadence.checked(step, decision.next_interval, rank0=self.rank == 0)
         if self.rank == 0:
             self._gauges()
-        if plan.stop and not plan.save and requests:
+        self.cadence.measured(t_enter + marks_s)
+        full = full_due or schedule
+        kind = Kind.widest(decision.kind, Kind.FULL if full else None) if decision.save else None
+        plan = Plan(step, kind, decision.reason, decision.stop, decision, requests=tuple(requests))
+        if schedule and not plan.save:
+            plan = self._scheduled(step, plan)
+        elif plan.stop and not plan.save and requests:
             # A stop without a save (on_interrupt: none) still answers its requests.
             self._answer(requests, {"status": Status.OK, "kind": None, "step": step, "reason": decision.reason,
                                     "checkpoint": None}, False)
         if plan.stop and self.rank == 0:
             logger.warning("dyncheck: stop requested: leaving the training loop at step %d", step)
         return plan
+
+    def _scheduled(self, step: int, plan: Plan | None) -> Plan:
+        """The schedule's full save at ``step``, no agreed save covering it: at most one save in flight (every
+        rank is here, so each may wait for its last one); a check's stop rides along with its requests."""
+        self.wait_stored()
+        if plan is None:
+            return Plan(step, Kind.FULL, Reason.SCHEDULE)
+        return replace(plan, kind=Kind.FULL, reason=Reason.SCHEDULE)
 
     def plan(self, step: int, kind: Kind | str, reason: Reason) -> Plan:
         """A save no check agreed on (a schedule, ``save()``): every rank calls it at the same step."""

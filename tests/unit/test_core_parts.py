@@ -56,7 +56,7 @@ def test_decide_takes_the_widest_kind_and_the_strongest_source():
 def test_a_fixed_interval_checks_at_its_multiples_also_after_a_resume():
     cadence = Cadence(DynamicCheckpointConfig(check_interval=5), timed=True)
     due = [s for s in range(1, 13) if not cadence.tick(s) and cadence.enter(s)[0]
-           and cadence.checked(s, 1, time.perf_counter(), rank0=True) is None]
+           and cadence.checked(s, 1, rank0=True) is None]
     assert due == [5, 10]
     cadence.start_at(7)
     assert cadence.next_check == 10 and cadence.current == 5
@@ -79,7 +79,8 @@ def test_auto_checks_the_next_step_then_as_agreed_and_disabled_never():
     assert not cadence.tick(1)
     due, t = cadence.enter(1)
     assert due
-    cadence.checked(1, 20, t, rank0=True)
+    cadence.checked(1, 20, rank0=True)
+    cadence.measured(t)
     assert cadence.next_check == 21 and cadence.current == 20
     off = Cadence(DynamicCheckpointConfig(enabled=False), timed=True)
     assert all(off.tick(s) for s in range(1, 1000))
@@ -113,7 +114,7 @@ def decider(poller: Pending, *, notice: Notice | None = None, last: tuple[Kind |
             mode: str = "auto") -> tuple[Decider, list[list[Request]], list[str]]:
     attached: list[list[Request]] = []
     counted: list[str] = []
-    d = Decider(Agreement(), PreemptionPlan(mode), poller=poller, read_notice=lambda: notice,  # type: ignore[arg-type]
+    d = Decider(Agreement(), PreemptionPlan(mode), poller=lambda: poller, read_notice=lambda: notice,  # type: ignore
                 count_request=counted.append, attach=attached.append, last=lambda: last)
     return d, attached, counted
 
@@ -171,7 +172,7 @@ def test_a_backend_that_cannot_read_notices_turns_them_off_not_the_requests(capl
         raise RuntimeError("no controller")
 
     poller = Pending(Request("a"))
-    d = Decider(Agreement(), PreemptionPlan("auto"), poller=poller, read_notice=broken,  # type: ignore[arg-type]
+    d = Decider(Agreement(), PreemptionPlan("auto"), poller=lambda: poller, read_notice=broken,  # type: ignore
                 count_request=lambda s: None, attach=lambda r: None, last=lambda: (None, None))
     agreed, requests, _ = d.decide(10, 5, busy=False)
     assert agreed.save and [r.id for r in requests] == ["a"]
@@ -263,3 +264,49 @@ def test_attach_with_no_save_in_flight_is_an_error_at_the_last_step():
     c.receipts().attach([Request("x")])
     [(_, receipt, _)] = c.answers
     assert receipt["status"] == Status.ERROR and receipt["step"] == 42
+
+
+# -- the core with a real LocalBackend (one process) ------------------------------------------------
+
+
+def test_a_stop_without_a_save_at_a_scheduled_step_is_answered_by_the_schedule_s_save(tmp_path):
+    """``on_interrupt: none`` and ``save_steps`` at the same step: the scheduled save carries the stop's
+    request, so its receipt names the checkpoint saved at that step (not "no checkpoint")."""
+    import json
+
+    import torch
+
+    import ray_dyncheck as rdc
+
+    run = tmp_path / "run"
+    backend = rdc.LocalBackend(str(run))
+    model = torch.nn.Linear(3, 1)
+    with rdc.DynamicCheckpoint({"check_interval": 4, "save_steps": 4, "poll_interval_s": 0.05}, model=model,
+                               backend=backend) as dc:
+        folder = run / ".dyncheck" / "requests"
+        folder.mkdir(parents=True)
+        (folder / "stopme.json").write_text(json.dumps({"id": "stopme", "kind": "none", "stop": True}))
+        deadline = time.time() + 30
+        while dc.pending_requests == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        assert dc.pending_requests == 1
+        while not dc.should_stop and dc.global_step < 8:
+            dc.step()
+    assert dc.global_step == 4
+    saves = [(s["step"], s["kind"], s["reason"], s["requests"]) for s in dc.saves]
+    assert saves == [(4, "full", "schedule", ["stopme"])]
+    receipt = json.loads((run / ".dyncheck" / "receipts" / "stopme.json").read_text())
+    assert receipt["status"] == "ok" and receipt["checkpoint"] == dc.saves[0]["path"]
+
+
+def test_a_backend_that_does_not_subclass_backend_is_refused_with_the_fix():
+    import torch
+
+    import ray_dyncheck as rdc
+
+    class Duck:
+        rank, world_size = 0, 1
+
+    fix = r"backend must subclass ray_dyncheck.Backend .* `class Duck\(ray_dyncheck.Backend\)`"
+    with pytest.raises(TypeError, match=fix):
+        rdc.DynamicCheckpoint({}, model=torch.nn.Linear(1, 1), backend=Duck())  # type: ignore[arg-type]
