@@ -40,7 +40,7 @@ def readme_aws_commands() -> list[str]:
 def test_every_aws_cli_command_in_the_readme_works_against_the_bucket(s3):
     """The README's object-storage commands, run with the real AWS CLI against the S3 server: the
     trigger and the request they write are claimed by the request channel, and the receipt is read back."""
-    from ray_dyncheck._channel import RequestChannel
+    from ray_dyncheck._requests.channel import RequestChannel
 
     _, port = s3
     commands = readme_aws_commands()
