@@ -59,7 +59,7 @@ def test_the_job_recipe_in_cluster_yaml_uses_flags_the_examples_take():
 def test_grafana_dashboard_queries_only_series_we_export():
     import json
 
-    import ray_dyncheck._ray as adapter
+    import ray_dyncheck._backends.ray as adapter
 
     dash = json.load(open(os.path.join(ROOT, "grafana", "dyncheck.json"), encoding="utf-8"))
     source = open(adapter.__file__, encoding="utf-8").read()

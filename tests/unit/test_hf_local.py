@@ -121,7 +121,7 @@ def test_torch_hook_refuses_an_hf_checkpoint_with_the_fix(tmp_path):
 def test_each_rank_owns_its_rng_file_and_its_dcp_shards():
     """Under FSDP's sharded state dict every rank writes ``__<rank>_0.distcp`` into HF's folders: that
     rank reports it (a node-local output_dir works), the rest is rank 0's. (HF Trainer under
-    accelerate's FSDP itself is not run here: see the README.)"""
+    accelerate's FSDP itself is not run here: see docs/huggingface.md.)"""
     from ray_dyncheck._hf.files import owner
 
     owners = {p: owner(p) for p in ("rng_state_3.pth", "pytorch_model_fsdp_0/__2_0.distcp",
