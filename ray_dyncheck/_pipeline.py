@@ -76,7 +76,7 @@ class SavePipeline:
     not finished), ``_closed`` and each save's future and start time are guarded by ``_lock``.
 
     ``keep`` says which tensors are copied into host buffers kept from one save to the next (default:
-    CUDA tensors, pinned); ``write`` writes one rank's files (:func:`~ray_dyncheck.state.write_files`).
+    CUDA tensors, pinned); ``write`` writes one rank's files (:func:`~ray_dyncheck._state.capture.write_files`).
     """
 
     def __init__(self, core: WorkerCore, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -2,7 +2,7 @@
 every rank, resume.
 
 Runs inside each Ray Train worker (one object per rank, in the training thread). Ray itself is one
-adapter (:mod:`ray_dyncheck._ray`) behind the small :class:`Backend` protocol, so the same hook runs
+adapter (:mod:`ray_dyncheck._backends.ray`) behind the small :class:`Backend` contract, so the same hook runs
 in a plain ``torch.distributed`` world without Ray (:class:`LocalBackend`).
 """
 

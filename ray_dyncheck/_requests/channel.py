@@ -1,9 +1,9 @@
 """The request channel: the trigger file and the request folder of a run directory, claims and
-receipts (layout in :mod:`ray_dyncheck._files`). Used on rank 0, by its poller thread (and, to answer
+receipts (layout in :mod:`ray_dyncheck._requests.files`). Used on rank 0, by its poller thread (and, to answer
 a failed upload at once, by the upload thread; one lock).
 
 A request is claimed (moved into ``claimed/``, or for a trigger that cannot be moved atomically, its
-version recorded there: :mod:`ray_dyncheck._trigger`) before it is acted on, so a new ``touch`` during
+version recorded there: :mod:`ray_dyncheck._requests.trigger`) before it is acted on, so a new ``touch`` during
 a save is a new request; it is retired (receipt written, claim deleted) only once it has its final
 answer. Claims survive storage errors and worker restarts: whatever sits in ``claimed/`` and is not in
 hand is picked up again. A request older than the run's start marker is stale: discarded with a

@@ -1,4 +1,4 @@
-"""Capture and restore training state, in files that load without unpickling code.
+"""Capture training state and write it, in files that load without unpickling code (loading: :mod:`.restore`).
 
 A checkpoint directory written here holds (``format_version`` 1, the plain layout, written by rank 0)::
 
@@ -9,7 +9,7 @@ A checkpoint directory written here holds (``format_version`` 1, the plain layou
     dyncheck.json         the manifest, written last: format, kind, step, every file's size
 
 or, for a sharded model (``format_version`` 2, ``layout: sharded``), ``dcp/`` with every rank's shard
-(:mod:`ray_dyncheck._sharded`) instead of the weights and optimizer files.
+(:mod:`ray_dyncheck._state.sharded`) instead of the weights and optimizer files.
 
 A save is two parts: :func:`capture_state` copies the state into host memory (the part that blocks
 training), :func:`write_files` writes that copy (in the background). Everything but the weights loads
