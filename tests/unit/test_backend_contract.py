@@ -1,5 +1,5 @@
 """The Backend contract: both backends implement every required member, and LocalBackend keeps its
-promises on a real run directory (the Ray backend's run: tests/ray/test_backend_contract.py)."""
+promises on a real run directory (the Ray backend's run: tests/ray/test_backend_contract_ray.py)."""
 
 from __future__ import annotations
 

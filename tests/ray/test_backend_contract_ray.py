@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+
+from backend_contract import check_backend  # a global: sent to the worker by value, with this module
 
 
 def contract_fn(config):
-    from backend_contract import check_backend
-
     from ray_dyncheck._backends.ray import RayBackend
 
     seen = check_backend(RayBackend())
@@ -24,6 +25,7 @@ def test_ray_backend_keeps_the_contract(ray_local, tmp_path):
     from ray.train.torch import TorchTrainer
 
     ray.cloudpickle.register_pickle_by_value(backend_contract)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # contract_fn: workers cannot import tests/
     out = tmp_path / "seen.json"
     result = TorchTrainer(contract_fn, train_loop_config={"out": str(out)},
                           scaling_config=ScalingConfig(num_workers=1),
