@@ -102,3 +102,12 @@ def test_no_lower_layer_imports_a_higher_one():
     upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets
               if a != "ray_dyncheck" and _layer(b) > _layer(a)]
     assert not upward, "imports that go up a layer:\n" + "\n".join(sorted(upward))
+
+
+def test_every_module_is_in_the_architecture_page_s_map():
+    import re
+
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([^`]+\.py)` \|", page, flags=re.M))
+    actual = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert actual == listed, f"missing from the map: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
