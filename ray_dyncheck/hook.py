@@ -173,8 +173,7 @@ class DynamicCheckpoint:
             try:
                 self._pipeline.close(clean=clean)
             finally:
-                if isinstance(self.backend, LocalBackend):
-                    self.backend.close(timeout=0.0)  # its stores were waited for above
+                self.backend.close(timeout=0.0)  # its stores were waited for above (LocalBackend's thread ends)
 
     # -- resume ------------------------------------------------------------------------------------
 
