@@ -1,5 +1,6 @@
 """Shared fixtures: one real Ray instance per test module that needs it; env and handlers restored; an S3
-server on loopback per module, with an HTTP-aware fault proxy in front of it per test.
+server on loopback per module, with an HTTP-aware fault proxy in front of it per test; a temporary
+directory of its own for a test that counts what is left in it.
 
 The tiers are folders: ``unit`` (one process: no Ray, no process groups, no subprocesses), ``gloo``
 (real processes: gloo process groups, CLIs, the S3 server), ``ray`` (a local Ray) and ``cluster``
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 
 import pytest
 
@@ -78,3 +80,13 @@ def proxy(moto_port):
 
     with HttpFaultProxy(upstream=("127.0.0.1", moto_port)) as p:
         yield p
+
+
+@pytest.fixture
+def tmpdir_of_our_own(tmp_path, monkeypatch):
+    """A fresh, empty temporary directory for this test (``tempfile`` and child processes)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    return tmp

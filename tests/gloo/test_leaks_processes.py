@@ -11,22 +11,11 @@ import tempfile
 import textwrap
 import time
 
-import pytest
 import torch
 from drivers import HARNESS
 
 import ray_dyncheck as rdc
 from hf_workloads import ours, settled
-
-
-@pytest.fixture
-def tmpdir_of_our_own(tmp_path, monkeypatch):
-    """A fresh, empty temporary directory for this test (``tempfile`` and child processes)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    return tmp
 
 
 def test_hf_train_that_raises_leaves_nothing_behind_on_two_ranks(tmp_path):

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import pickle
 import re
 import shutil
 
 import pytest
-import torch
+from hostile import Touch
 
 import ray_dyncheck as rdc
-from gloo_workers import _fsdp_model, fsdp_worker, run_ranks
+from gloo_workers import fsdp_model_and_optimizer, fsdp_worker, run_ranks
 from ray_dyncheck import cli
 from ray_dyncheck._state import (
     load_checkpoint,
@@ -23,16 +22,6 @@ from ray_dyncheck._state import (
 
 # DCP warns when it loads in one process, which is what a resume at world size 1 and export do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-class Touch:
-    """Unpickling this creates ``path``: what a hostile pickle could do instead (any code)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +54,11 @@ def _hostile_metadata(ckpt, marker):
     return path
 
 
-def _model_and_optimizer():
-    model = _fsdp_model(1, shard=False)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
-
 @pytest.mark.timeout(300)
 def test_the_untouched_sharded_checkpoint_resumes_and_exports(fsdp_checkpoint, tmp_path):
     """The safe reads load what DCP really writes: metadata, shards and non-tensor items (lr, betas)."""
     run_dir, _ = _copy_run(fsdp_checkpoint, tmp_path)
-    model, opt = _model_and_optimizer()
+    model, opt = fsdp_model_and_optimizer()
     with rdc.DynamicCheckpoint({"enabled": False}, model=model, optimizer=opt,
                                backend=rdc.LocalBackend(str(run_dir))) as dc:
         info = dc.restore()
@@ -89,7 +73,7 @@ def test_a_metadata_pickle_that_runs_code_is_refused_on_resume(fsdp_checkpoint, 
     marker = tmp_path / "pwned"
     metadata = _hostile_metadata(ckpt, marker)
     assert read_manifest(str(ckpt)) is not None, "the manifest's size check passes"
-    model, opt = _model_and_optimizer()
+    model, opt = fsdp_model_and_optimizer()
     with pytest.raises(rdc.CheckpointRestoreError,
                        match=f"{re.escape(str(metadata))}: refused to unpickle pathlib.Path.touch: not a DCP "
                              "metadata class"):
@@ -135,7 +119,7 @@ def test_metadata_naming_a_shard_outside_its_folder_is_refused(fsdp_checkpoint, 
     manifest["files"]["dcp/.metadata"] = path.stat().st_size
     (ckpt / "dyncheck.json").write_text(json.dumps(manifest))
     refused = re.escape(f"{path} names '../../../elsewhere.distcp', a file outside its folder: refused")
-    model, opt = _model_and_optimizer()
+    model, opt = fsdp_model_and_optimizer()
     with pytest.raises(rdc.CheckpointRestoreError, match=refused):
         load_checkpoint(str(ckpt), model=model, optimizer=opt, lr_scheduler=None, extra_state=None, rank=0)
     with pytest.raises(ValueError, match=refused):

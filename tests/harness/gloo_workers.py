@@ -203,6 +203,12 @@ def _fsdp_model(world_size: int, shard: bool = True) -> torch.nn.Module:
     return model
 
 
+def fsdp_model_and_optimizer():
+    """The FSDP test model unsharded (world size 1) and an AdamW over it."""
+    model = _fsdp_model(1, shard=False)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
 def _full_weights(model: torch.nn.Module) -> dict[str, list]:
     """Every parameter gathered (a collective for DTensors), as lists for JSON."""
     from torch.distributed.tensor import DTensor

@@ -6,7 +6,6 @@ checkpoint has been read (in this process; the gloo ranks and interpreter exit a
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pyarrow.fs as pafs
 import pytest
@@ -23,16 +22,6 @@ class ReportFails(rdc.LocalBackend):
     def report(self, metrics, directory, *, name, metadata, on_done, written=None):
         self.directory = directory
         raise RuntimeError("the controller is gone")
-
-
-@pytest.fixture
-def tmpdir_of_our_own(tmp_path, monkeypatch):
-    """A fresh, empty temporary directory for this test (``tempfile`` and child processes)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    return tmp
 
 
 def hf_args(tmp_path, **kw):

@@ -7,16 +7,16 @@ ranks is in ``gloo/test_safe_load_ranks.py``), altered as someone with write acc
 from __future__ import annotations
 
 import json
-import pathlib
 import pickle
 import re
 import shutil
 
 import pytest
 import torch
+from hostile import Touch
 
 import ray_dyncheck as rdc
-from gloo_workers import _fsdp_model
+from gloo_workers import _fsdp_model, fsdp_model_and_optimizer
 from ray_dyncheck._state import (
     SHARDED_FORMAT_VERSION,
     Captured,
@@ -34,21 +34,6 @@ from ray_dyncheck._state.sharded import live_state
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-class Touch:
-    """Unpickling this creates ``path``: what a hostile pickle could do instead (any code)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.path),))
-
-
-def _model_and_optimizer():
-    model = _fsdp_model(1, shard=False)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
-
 def _write_sharded_in_process(directory, model, optimizer, kind="full"):
     """A format-2 checkpoint written by one process (DCP without a process group), as a rank does."""
     tensors = live_state(model, optimizer, kind)
@@ -62,7 +47,7 @@ def _write_sharded_in_process(directory, model, optimizer, kind="full"):
 
 def _trained():
     torch.manual_seed(0)
-    model, opt = _model_and_optimizer()
+    model, opt = fsdp_model_and_optimizer()
     model(torch.ones(2, 8)).sum().backward()
     opt.step()
     return model, opt
@@ -77,7 +62,7 @@ def test_a_non_tensor_item_that_needs_pickle_is_refused_on_resume(tmp_path):
     state, write = _write_sharded_in_process(tmp_path / "ckpt", model, opt)
     state["optim"]["param_groups"][0]["lr"] = Touch(str(marker))
     write()
-    fresh, fresh_opt = _model_and_optimizer()
+    fresh, fresh_opt = fsdp_model_and_optimizer()
     with pytest.raises(rdc.CheckpointRestoreError,
                        match=r"refused to load optim\.param_groups\.0\.lr from .*ckpt/dcp: it refers to getattr, "
                              r"which torch\.load\(weights_only=True\) refuses"):
@@ -104,7 +89,7 @@ def test_plain_non_tensor_items_still_load(tmp_path):
     model, opt = _trained()
     _, write = _write_sharded_in_process(tmp_path / "ckpt", model, opt)
     write()
-    fresh, fresh_opt = _model_and_optimizer()
+    fresh, fresh_opt = fsdp_model_and_optimizer()
     info = load_checkpoint(str(tmp_path / "ckpt"), model=fresh, optimizer=fresh_opt, lr_scheduler=None,
                            extra_state=None, rank=0)
     assert info.loaded_optimizer and fresh_opt.param_groups[0]["betas"] == (0.9, 0.999)
