@@ -65,13 +65,13 @@ class Reporter:
         """Every rank, the same number of times: report this rank's ``directory`` (or ``None``) for
         ``plan``. See :meth:`WorkerCore.report`."""
         assert plan.kind is not None, "report() of a plan that saves nothing"
+        self.last_kind = Kind(plan.kind)
         # Plain strings in everything that leaves the core (metadata, metrics, records).
-        step, kind, reason, requests = plan.step, Kind(plan.kind).value, Reason(plan.reason).value, plan.requests
+        step, kind, reason, requests = plan.step, self.last_kind.value, _plain_word(plan.reason), plan.requests
         t0 = plan.t0 if t0 is None else t0
         t_written = time.perf_counter()
         # Unique per report (a resumed run can save the same step again), the same on every rank.
         self._count += 1
-        self.last_kind = Kind(kind)
         name = f"checkpoint_{step:08d}_{kind}_{self._token}{self._count}"
         ids = [r.id for r in requests]
         metadata = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "reason": reason,

@@ -50,13 +50,12 @@ class WorkerCore:
     def __init__(self, config: DynamicCheckpointConfig, backend: Backend,
                  saves: list[dict[str, Any]] | None = None) -> None:
         self.config = config
-        self.backend = backend
+        self.backend = require(backend)  # before anything with a side effect (the side group below)
         self.rank, self.world_size = backend.rank, backend.world_size
         console(self.rank)
         self.saves: list[dict[str, Any]] = saves if saves is not None else []
         """Rank 0: one entry per save (step, kind, reason, requests, name, path once stored)."""
         self.agreement = Agreement(timeout_s=config.collective_timeout_s)  # collective: every rank is here
-        require(backend)
         self.metrics: Metrics = backend.metrics if backend.metrics is not None else Metrics()
         self.poller: RequestPoller | None = None
         self.channel: RequestChannel | None = None
