@@ -122,7 +122,7 @@ def test_each_rank_owns_its_rng_file_and_its_dcp_shards():
     """Under FSDP's sharded state dict every rank writes ``__<rank>_0.distcp`` into HF's folders: that
     rank reports it (a node-local output_dir works), the rest is rank 0's. (HF Trainer under
     accelerate's FSDP itself is not run here: see docs/huggingface.md.)"""
-    from ray_dyncheck._hf.files import owner
+    from ray_dyncheck._state.staging import owner
 
     owners = {p: owner(p) for p in ("rng_state_3.pth", "pytorch_model_fsdp_0/__2_0.distcp",
                                      "optimizer_0/__1_0.distcp", "pytorch_model_fsdp_0/.metadata",
@@ -130,3 +130,18 @@ def test_each_rank_owns_its_rng_file_and_its_dcp_shards():
     assert owners == {"rng_state_3.pth": 3, "pytorch_model_fsdp_0/__2_0.distcp": 2, "optimizer_0/__1_0.distcp": 1,
                       "pytorch_model_fsdp_0/.metadata": 0, "trainer_state.json": 0, "model.safetensors": 0,
                       "rng_state.pth": 0}
+
+
+def test_each_rank_owns_its_deepspeed_zero_partition():
+    """DeepSpeed's ``global_step<N>/`` (as HF's Trainer writes it under ZeRO): each data-parallel rank's model
+    and optimizer partition is that rank's; the model-parallel file and ``latest`` are rank 0's."""
+    from ray_dyncheck._state.staging import owner
+
+    owners = {p: owner(p) for p in ("global_step8/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                     "global_step8/zero_pp_rank_3_mp_rank_00_model_states.pt",
+                                     "global_step8/fp16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                                     "global_step8/mp_rank_00_model_states.pt", "latest", "zero_to_fp32.py")}
+    assert owners == {"global_step8/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 1,
+                      "global_step8/zero_pp_rank_3_mp_rank_00_model_states.pt": 3,
+                      "global_step8/fp16_zero_pp_rank_2_mp_rank_00_optim_states.pt": 2,
+                      "global_step8/mp_rank_00_model_states.pt": 0, "latest": 0, "zero_to_fp32.py": 0}
