@@ -1,6 +1,7 @@
 """Consolidate a checkpoint into plain weights: ``ray-dyncheck export CHECKPOINT --out DIR``.
 
-Any checkpoint ray_dyncheck wrote (plain or sharded, on a local path or a URI) becomes one
+Any checkpoint ray_dyncheck wrote (plain or sharded, by the hook, HF's or Lightning's callback, on a local path
+or a URI) becomes one
 ``model.safetensors`` of full tensors, named as the model's ``state_dict()`` (a tied weight under one
 name, as ``safetensors`` stores it), which ``safetensors.torch.load_model`` loads into the unsharded
 model; with the model's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 
@@ -21,10 +23,12 @@ import torch
 from ._requests.files import resolve_run_dir
 from ._state import MODEL_FILE, read_stored_manifest
 from ._state.fetch import local_directory
-from ._state.sharded import read_consolidated
+from ._state.sharded import DCP_DIR, read_consolidated
 from .errors import CheckpointRestoreError
 
 __all__ = ["export_checkpoint"]
+
+LIGHTNING_CKPT = "checkpoint.ckpt"  # the Lightning callback's file (a DCP folder under ModelParallelStrategy)
 
 
 @contextlib.contextmanager
@@ -52,11 +56,20 @@ def export_checkpoint(checkpoint: str, out: str) -> list[str]:
         raise ValueError(f"--out {out} is not empty: pass a new or empty folder")
     with _local(checkpoint) as (directory, manifest):
         files = manifest["files"]
-        if manifest.get("layout") == "sharded":
+        layout = manifest.get("layout")
+        if layout == "sharded" or (layout == "lightning" and os.path.isdir(os.path.join(directory, LIGHTNING_CKPT))):
+            folder, key = (LIGHTNING_CKPT, "state_dict") if layout == "lightning" else (DCP_DIR, "model")
             try:
-                weights = read_consolidated(directory)["model"]
+                weights = read_consolidated(directory, folder, key)[key]
             except CheckpointRestoreError as exc:  # a downloaded copy's file named by its place in storage
                 raise ValueError(f"cannot export {checkpoint}: {str(exc).replace(directory, checkpoint)}") from None
+        elif layout == "lightning":  # Lightning's own file: its LightningModule's state_dict
+            try:
+                weights = torch.load(os.path.join(directory, LIGHTNING_CKPT), map_location="cpu",
+                                     weights_only=True)["state_dict"]
+            except pickle.UnpicklingError as exc:
+                raise ValueError(f"cannot export {checkpoint}: its {LIGHTNING_CKPT} holds more than tensors and "
+                                 f"plain containers, which would run code when loaded (refused: {exc})") from None
         else:
             weights = {}
             for name in sorted(files):

@@ -120,15 +120,18 @@ class WorkerCore:
         """The common step at the cost of a counter: ``True`` when nothing is due; else call :meth:`check`."""
         return self.cadence.tick(step, t_enter)
 
-    def check(self, step: int, *, full_due: bool = False, schedule: bool = False) -> Plan | None:
+    def check(self, step: int, *, full_due: bool = False, schedule: bool = False, now: bool = False) -> Plan | None:
         """Every rank, once per optimizer step, with the number of the step just finished: at check steps
         all ranks agree on one plan (one collective); ``None`` on other steps.
 
         ``full_due``: a full save happens at this step anyway (the framework's own schedule), so an agreed
         save is a full one. ``schedule`` (``save_steps``): the same, and the core plans that full save
         itself when no agreed one covers it, waiting first for this rank's previous save to be stored;
-        the requests of a stop without a save are then answered by it."""
+        the requests of a stop without a save are then answered by it. ``now``: check whatever the interval
+        says (every rank passes it at the same point: the end of a validation or evaluation loop, where a
+        request may have waited longer than a check interval)."""
         due, t_enter = self.cadence.enter(step)
+        due = due or (now and self.config.enabled)
         if not due:
             return self._scheduled(step, None) if schedule else None
         interval = self.cadence.interval

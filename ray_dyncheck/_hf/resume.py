@@ -7,13 +7,11 @@ Runs in every Ray Train worker (or any ``torch.distributed`` rank with a backend
 
 from __future__ import annotations
 
-import atexit
 import io
 import logging
 import os
 import posixpath
 import shutil
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,17 +23,12 @@ from .._core.agree import Agreement, chosen_by_rank0, fail_together
 from .._requests.files import read_capped
 from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
 from .._state.dcp_safe import check_dcp_folder
-from .._state.fetch import download, newest
+from .._state.fetch import download, keep_download, newest, release_downloads
 
-__all__ = ["hf_resume_path"]
+__all__ = ["hf_resume_path", "release_downloads"]
 
 logger = logging.getLogger(__name__)
 
-_downloads_lock = threading.Lock()
-_downloads: dict[str, int] = {}
-"""Checkpoints :func:`hf_resume_path` downloaded and nobody removed yet: path -> the thread that
-resumes from it. Guarded by ``_downloads_lock`` (any thread may release them, at exit too)."""
-_at_exit = False
 
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -156,30 +149,8 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
             shutil.rmtree(downloaded, ignore_errors=True)
         raise
     if downloaded is not None:
-        _keep(downloaded)
+        keep_download(downloaded)
     if rank == 0:
         logger.info("dyncheck: resuming Trainer from %s checkpoint %s (step %s)", choice["kind"], choice["path"],
                     choice["step"])
     return local
-
-
-def _keep(path: str) -> None:
-    """Remember a download until the training that resumes from it (in this thread) has read it."""
-    global _at_exit
-    with _downloads_lock:
-        _downloads[path] = threading.get_ident()
-        if not _at_exit:  # registered on first use: importing this module changes nothing
-            _at_exit = True
-            atexit.register(release_downloads, everyone=True)
-
-
-def release_downloads(*, everyone: bool = False) -> None:
-    """Remove the checkpoints :func:`hf_resume_path` downloaded in this thread (``everyone``: in every
-    thread, as at interpreter exit)."""
-    me = threading.get_ident()
-    with _downloads_lock:
-        mine = [path for path, thread in _downloads.items() if everyone or thread == me]
-        for path in mine:
-            del _downloads[path]
-    for path in mine:
-        shutil.rmtree(path, ignore_errors=True)

@@ -1,18 +1,21 @@
 """Finding and fetching a stored checkpoint: the newest one a resume may use (judged in storage, without
-downloading it), and one checkpoint as a local directory."""
+downloading it), one checkpoint as a local directory, and the downloads a framework resumes from, kept until
+it has read them."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
 
-__all__ = ["STOP", "download", "local_directory", "newest"]
+__all__ = ["STOP", "download", "keep_download", "local_directory", "newest", "release_downloads"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +65,31 @@ def local_directory(fs: pafs.FileSystem, path: str, prefix: str = "dyncheck-rest
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_downloads_lock = threading.Lock()
+_downloads: dict[str, int] = {}
+"""Checkpoints downloaded for a framework's resume that nobody removed yet: path -> the thread that resumes
+from it. Guarded by ``_downloads_lock`` (any thread may release them, at exit too)."""
+_at_exit = False
+
+
+def keep_download(path: str) -> None:
+    """Remember a download until the training that resumes from it (in this thread) has read it."""
+    global _at_exit
+    with _downloads_lock:
+        _downloads[path] = threading.get_ident()
+        if not _at_exit:  # registered on first use: importing this module changes nothing
+            _at_exit = True
+            atexit.register(release_downloads, everyone=True)
+
+
+def release_downloads(*, everyone: bool = False) -> None:
+    """Remove the downloads kept in this thread (``everyone``: in every thread, as at interpreter exit)."""
+    me = threading.get_ident()
+    with _downloads_lock:
+        mine = [path for path, thread in _downloads.items() if everyone or thread == me]
+        for path in mine:
+            del _downloads[path]
+    for path in mine:
+        shutil.rmtree(path, ignore_errors=True)

@@ -179,8 +179,9 @@ def load_full_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor
                          f"{list(unexpected)}")
 
 
-def read_consolidated(directory: str) -> dict[str, Any]:
-    """One process, no process group: the model's full tensors (``{"model": {...}}``).
+def read_consolidated(directory: str, folder: str = DCP_DIR, key: str = "model") -> dict[str, Any]:
+    """One process, no process group: the model's full tensors (``{key: {...}}``) of the DCP folder
+    ``directory/folder`` (ours: ``key`` ``model``; Lightning's ``checkpoint.ckpt``: ``state_dict``).
 
     Raises:
         CheckpointRestoreError: the checkpoint holds something that would run code when loaded.
@@ -188,12 +189,12 @@ def read_consolidated(directory: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     reader_cls, _, empty_planner_cls = safe_dcp()
-    path = os.path.join(directory, DCP_DIR)
+    path = os.path.join(directory, folder)
     reader = reader_cls(path)
     reader.read_metadata()  # our refusal as it is, not wrapped in DCP's CheckpointException
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=reader, planner=empty_planner_cls(path, keys={"model"}),
+        _load_state_dict(state, storage_reader=reader, planner=empty_planner_cls(path, keys={key}),
                          no_dist=True)  # not the optimizer
     except DCP_ERRORS as exc:
         refused = refusal(exc)

@@ -3,12 +3,14 @@ cluster at ``RAY_ADDRESS``), a TorchTrainer with 2 CPU workers, ``rdc.fit(traine
 
     python tests/harness/interrupt_driver.py STORAGE NAME OUT READY_FILE [dynamic_checkpoint JSON] [steps] [extra JSON]
 
-The workers run one of two workloads (from ``ray_workloads``, sent by value: they need not import
+The workers run one of three workloads (from ``ray_workloads``, sent by value: they need not import
 this folder):
 
   tests     ``train_fn``, the default: rank 0 creates READY_FILE at step 3 and does ``extra["actions"]``
             (``{step: [...]}``, see ``actions.py``); ``extra["model"] = "fsdp"`` shards the model
             with FSDP2
+  lightning ``lightning_workloads.train_fn`` (``extra["workload"] = "lightning"``): a Lightning Trainer
+            with the Lightning callback; READY_FILE and ``actions`` as for ``tests``
   progress  ``progress_train_fn`` (``extra["workload"] = "progress"``, the benchmark's): rank 0 logs
             every step to ``OUT/progress.log`` and writes READY_FILE once the first scheduled
             checkpoint is committed and ``extra["ready_steps"]`` (default 5) more steps have run
@@ -48,7 +50,12 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     ray_by_value.register()  # the controller and workers get faultfs's class too
     config = {"steps": steps, "step_time": extra.get("step_time", 0.02), "dynamic_checkpoint": dc, "out": out}
-    if extra.get("workload", "tests") == "progress":
+    if extra.get("workload") == "lightning":
+        import lightning_workloads
+
+        train_fn = lightning_workloads.train_fn
+        config.update(actions={"3": [f"ready:{ready}"], **extra.get("actions", {})}, model=extra.get("model"))
+    elif extra.get("workload", "tests") == "progress":
         train_fn = ray_workloads.progress_train_fn
         config.update(ready=ready, ready_steps=extra.get("ready_steps", 5))
     else:

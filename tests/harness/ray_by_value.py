@@ -11,7 +11,8 @@ def register() -> None:
 
     import faultfs
     import hf_workloads
+    import lightning_workloads
     import ray_workloads
 
-    for module in (actions, faultfs, hf_workloads, ray_workloads):
+    for module in (actions, faultfs, hf_workloads, lightning_workloads, ray_workloads):
         ray.cloudpickle.register_pickle_by_value(module)

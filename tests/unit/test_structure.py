@@ -15,8 +15,8 @@ LAYERS = [
     {"_state"},
     {"_backends"},
     {"_core"},
-    {"_pipeline", "_hf", "_shutdown"},
-    {"hook", "hf", "client", "driver", "export", "cli", "__init__", "__main__"},
+    {"_pipeline", "_hf", "_lightning", "_shutdown"},
+    {"hook", "hf", "lightning", "client", "driver", "export", "cli", "__init__", "__main__"},
 ]
 
 

@@ -1,0 +1,330 @@
+"""PyTorch Lightning inside a Ray ``TorchTrainer``: the same on-demand checkpoints with one callback.
+
+Runs in every Ray Train worker, in the training thread. The callback drives the same core as
+:class:`~ray_dyncheck.DynamicCheckpoint` (config, request channel, the one agreed decision); Lightning
+writes its own checkpoint through ``trainer.save_checkpoint``; the callback reports every rank's files of
+it to Ray with our metadata.
+
+Example (inside ``train_loop_per_worker``)::
+
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    from ray_dyncheck.lightning import DynamicCheckpointCallback, resume_path
+
+    trainer = pl.Trainer(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], devices="auto",
+                         callbacks=[DynamicCheckpointCallback(config["dynamic_checkpoint"])])
+    trainer = prepare_trainer(trainer)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=resume_path())
+
+``lightning`` is imported as Ray's ``ray.train.lightning`` imports it: ``lightning.pytorch``, else the
+``pytorch_lightning`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ._backends.base import Backend, require
+from ._core import Plan, WorkerCore
+from ._lightning.resume import CHECKPOINT_NAME, LR_SCHEDULERS_FILE, lightning_resume_path, release_downloads
+from ._state.staging import mine, stage_share
+from .config import DynamicCheckpointConfig, load_config
+from .vocab import Kind
+
+try:
+    try:
+        import lightning.pytorch as pl
+    except ModuleNotFoundError:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "ray_dyncheck.lightning needs PyTorch Lightning: pip install 'ray_dyncheck[lightning]'. The import failed "
+        f"with: {exc}"
+    ) from exc
+
+__all__ = ["DynamicCheckpointCallback", "RayModelParallelStrategy", "resume_path"]
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = "dyncheck-lightning"
+_SHARDED = tuple(getattr(pl.strategies, name) for name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+                 if hasattr(pl.strategies, name))
+
+
+def resume_path(download_dir: str | None = None, *, backend: Backend | None = None,
+                timeout_s: float = 1800.0) -> str | None:
+    """The run's newest complete checkpoint for ``trainer.fit(model, ckpt_path=resume_path())``; ``None``
+    when the run has none (a fresh start).
+
+    Runs in a Ray Train worker, on **every** rank, before ``trainer.fit``. Rank 0 chooses the newest
+    checkpoint whose manifest's files (every rank's) are all there; every rank then uses that one,
+    downloaded into a new temporary directory (in ``download_dir``) when the storage is remote, and
+    checked: a DCP folder (``ModelParallelStrategy``) is read with the safe reader first, so nothing from
+    storage runs code when Lightning loads it. Also accepts checkpoints written by Ray's
+    ``RayTrainReportCallback``. A weights-only checkpoint (the interrupt's default) is handed over as a copy
+    Lightning can resume from: its step, loop and data loader state, weights, LR schedulers, and a fresh
+    optimizer (logged). Downloads go once training starts (Lightning has read them by then).
+
+    Lightning loads the ``.ckpt`` file itself with ``torch.load``; pass ``weights_only=True`` to
+    ``trainer.fit`` so that it unpickles nothing but tensors and plain containers (see docs/lightning.md).
+
+    Raises:
+        CheckpointRestoreError: on every rank, with the same message, when any rank could not list,
+            download or check the checkpoint (no rank trains on from it).
+    """
+    return lightning_resume_path(download_dir, backend=backend, timeout_s=timeout_s)
+
+
+class RayModelParallelStrategy(pl.strategies.ModelParallelStrategy):  # type: ignore[misc,name-defined]
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 and tensor parallelism, ``configure_model``) in a Ray
+    ``TorchTrainer`` worker: what ``ray.train.lightning`` does for ``DDPStrategy`` (``RayDDPStrategy``).
+
+    Lightning's own class indexes its devices by local rank (under Ray each worker sees its own device, so
+    the second worker on a node fails) and sizes the mesh from nodes × devices (1 × 1 under Ray). Here the
+    device is Ray's (``ray.train.torch.get_device()``) and the mesh is ``data_parallel_size`` ×
+    ``tensor_parallel_size`` over Ray's world (default: data parallel over every worker). Use it with
+    ``RayLightningEnvironment`` and without ``prepare_trainer`` (which only checks the strategy's class and
+    knows Ray's three). Runs on CPU workers too (gloo), where FSDP2 shards on the CPU.
+    """
+
+    def __init__(self, data_parallel_size: Any = "auto", tensor_parallel_size: Any = 1, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    @property
+    def root_device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    @property
+    def num_processes(self) -> int:
+        return 1  # one process per Ray worker
+
+    def setup_environment(self) -> None:
+        import ray.train
+
+        world = ray.train.get_context().get_world_size()
+        if self._tensor_parallel_size == "auto":
+            self._tensor_parallel_size = 1
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = world // int(self._tensor_parallel_size)
+        if int(self._data_parallel_size) * int(self._tensor_parallel_size) != world:
+            raise ValueError(f"RayModelParallelStrategy: data_parallel_size ({self._data_parallel_size}) × "
+                             f"tensor_parallel_size ({self._tensor_parallel_size}) must be Ray's world size "
+                             f"({world}): pass sizes whose product is ScalingConfig(num_workers)")
+        super().setup_environment()
+
+
+class _Recording(pl.plugins.CheckpointIO):  # type: ignore[misc,name-defined]
+    """The strategy's own ``CheckpointIO`` for one save, recording a failure of its write instead of raising
+    it: rank 0 then still reaches Lightning's barrier in ``save_checkpoint``, and every rank learns of the
+    error in our next collective (no rank is left waiting in Lightning's)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        async_io = getattr(pl.plugins, "AsyncCheckpointIO", None)
+        if async_io is not None and isinstance(inner, async_io):
+            inner = inner.checkpoint_io  # written now: staging links the file right after the save returns
+        self.inner = inner
+        self.error: BaseException | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        try:
+            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        except Exception as exc:
+            self.error = exc
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+
+class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
+    """On-demand checkpoints for a Lightning ``Trainer`` in a Ray ``TorchTrainer`` worker.
+
+    Add it on **every** rank, in place of Ray's ``RayTrainReportCallback`` (which reports at epoch ends
+    only and cannot attach metadata; with both, checkpoints are reported twice). At optimizer-step
+    boundaries (gradient accumulation respected: ``trainer.global_step`` moved), every ``check_interval``
+    steps or ``auto``, all ranks agree on one decision; on "save" every rank calls
+    ``trainer.save_checkpoint(..., weights_only=kind == "weights")`` mid-epoch, and reports the files it
+    wrote (rank 0 the ``.ckpt`` and the manifest of every rank's files; under ``ModelParallelStrategy`` each
+    rank its DCP shard) with ``ray.train.report`` and our metadata (``kind``, ``step``, ``reason``,
+    ``request_id``). A weights-only save keeps the LR schedulers beside the file; under a sharded strategy
+    (FSDP, ``ModelParallelStrategy``, DeepSpeed) it saves the full state instead (every rank writes its
+    shard either way, and a weights-only shard set cannot feed Lightning's resume). A stop (the driver's
+    interrupt) sets ``trainer.should_stop``.
+
+    A request that arrives while validation runs is checked at the validation loop's end (the point where
+    Lightning's own ``ModelCheckpoint`` saves: the loop state is whole there), whatever the interval.
+
+    Resume with ``trainer.fit(model, ckpt_path=resume_path())``: Lightning continues at the same batch when
+    the training data loader is stateful (``state_dict``/``load_state_dict``, e.g. torchdata's
+    ``StatefulDataLoader``); else at the start of that epoch's remaining steps' count, with its own warning.
+
+    Args:
+        config: The ``dynamic_checkpoint`` block (dict, YAML path or config), ``None`` for defaults.
+        backend: Where to report; default: Ray Train (this must run inside a Ray Train worker).
+    """
+
+    def __init__(self, config: DynamicCheckpointConfig | Mapping[str, Any] | str | None = None, *,
+                 backend: Backend | None = None) -> None:
+        super().__init__()
+        self.config = load_config(config)
+        self._backend = backend if backend is None else require(backend)
+        self._core: WorkerCore | None = None
+        self._last_step: int | None = None
+        self._widened = False
+        self.saves: list[dict[str, Any]] = []
+        """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
+
+    @property
+    def state_key(self) -> str:
+        return "ray_dyncheck.DynamicCheckpointCallback"
+
+    # -- Lightning events (every rank) -------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._core is not None:
+            self._release(clean=False)  # an earlier fit() that raised before its teardown
+        backend = self._backend
+        if backend is None:
+            from ._backends.ray import RayBackend
+
+            backend = RayBackend()
+        self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        release_downloads()  # Lightning has read the checkpoint it resumed from
+        if self._core is not None:
+            self._last_step = trainer.global_step
+            self._core.start_at(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._core is None or step == self._last_step:
+            return  # accumulating gradients: not an optimizer step's end
+        self._last_step = step
+        if self._core.tick(step):
+            return  # most steps: no check due
+        self._check(trainer, step, now=False)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._core is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # a validation inside fit() only (a core exists only then)
+        self._check(trainer, trainer.global_step, now=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._release(clean=True)  # a normal end: requests no check served get "unserved"
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release(clean=False)  # claims stay, for a restarted worker group
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._release(clean=False)
+        release_downloads()
+
+    def close(self) -> None:
+        """Release what the callback holds (its core's threads and side group); Lightning's ``teardown``
+        does it, so only a caller who ends training another way needs this."""
+        self._release(clean=False)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _release(self, clean: bool) -> None:
+        core, self._core = self._core, None
+        if core is not None:
+            core.close(clean=clean)
+        elif self._backend is not None:
+            self._backend.close(timeout=0.0)
+
+    def _check(self, trainer: Any, step: int, *, now: bool) -> None:
+        core = self._core
+        assert core is not None
+        plan = core.check(step, now=now)
+        if plan is not None and plan.save:
+            self._save(trainer, plan)
+        if plan is not None and plan.stop:
+            trainer.should_stop = True
+        core.end_step()
+
+    def _save(self, trainer: Any, plan: Plan) -> None:
+        """Every rank: Lightning writes its checkpoint into one folder (rank 0's, the same name on every
+        node), each rank stages the files it owns, and every rank reports; an error on any rank means no
+        rank reports files (half a checkpoint is never reported)."""
+        core = self._core
+        assert core is not None
+        if plan.kind == Kind.WEIGHTS and isinstance(trainer.strategy, _SHARDED):
+            if not self._widened and core.rank == 0:
+                logger.warning("dyncheck: %s writes every rank's shard: weights-only saves are full ones under "
+                               "it (a weights-only shard set cannot feed Lightning's resume)",
+                               type(trainer.strategy).__name__)
+            self._widened = True
+            plan = plan.at_least(Kind.FULL)
+        kind = plan.kind
+        assert kind is not None
+        root = os.path.join(tempfile.gettempdir(), STAGING_DIR)
+        made = tempfile.mkdtemp(prefix=f"step{plan.step}-", dir=_made(root)) if core.rank == 0 else None
+        source = str(core.agreement.broadcast(made))  # one folder name on every rank, as Lightning's FSDP saves need
+        error: str | None = None
+        try:
+            os.makedirs(source, exist_ok=True)
+            recording = _Recording(trainer.strategy.checkpoint_io)
+            before = trainer.strategy.checkpoint_io
+            trainer.strategy.checkpoint_io = recording
+            try:
+                trainer.save_checkpoint(os.path.join(source, CHECKPOINT_NAME), weights_only=kind == Kind.WEIGHTS)
+            finally:
+                trainer.strategy.checkpoint_io = before
+            if recording.error is not None:
+                raise recording.error
+            if kind == Kind.WEIGHTS and core.rank == 0:
+                torch.save([c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+                           os.path.join(source, LR_SCHEDULERS_FILE))
+            files = mine(source, core.rank)
+        except Exception as exc:
+            logger.exception("dyncheck: rank %d could not save its checkpoint at step %d", core.rank, plan.step)
+            error, files = f"rank {core.rank}: {type(exc).__name__}: {exc}", {}
+        gathered: list[Any] = core.agreement.all_gather((files, error))  # every rank's files and errors
+        errors = [e for _, e in gathered if e is not None]
+        directory = None
+        if errors:
+            error = "; ".join(errors)  # the same on every rank: nobody passes files
+        else:
+            try:
+                directory = stage_share(source, root, step=plan.step, kind=kind, shares=[f for f, _ in gathered],
+                                        rank=core.rank, world_size=core.world_size,
+                                        merged=core.backend.merges_rank_dirs,
+                                        backend_name=type(core.backend).__name__, layout="lightning")
+            except Exception as exc:
+                logger.exception("dyncheck: rank %d could not stage its checkpoint files", core.rank)
+                error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
+            try:
+                error = core.agreement.shared_error(error, "stage its files")  # also: every rank has staged
+            except BaseException:
+                if directory is not None:  # a peer is gone: the error goes on up, the staged files go now
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            if error is not None and directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory = None
+        shutil.rmtree(source, ignore_errors=True)  # staged as links; every rank of this node is past staging
+        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                   if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
+        metrics.update(epoch=trainer.current_epoch, step=plan.step)
+        core.report(plan, directory, metrics, error=error)
+
+
+def _made(root: str) -> str:
+    os.makedirs(root, exist_ok=True)
+    return root
