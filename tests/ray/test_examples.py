@@ -38,3 +38,24 @@ def test_quickstart_starts_its_own_ray_despite_a_stale_address_file(tmp_path):
     ckpts = [n for n in os.listdir(tmp_path / "quickstart")
              if n.startswith("checkpoint_") and (tmp_path / "quickstart" / n).is_dir()]
     assert len(ckpts) == 1, ckpts
+
+
+@pytest.mark.timeout(400)
+def test_lightning_example_saves_on_its_demo_trigger_then_resumes_at_that_step(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_lightning.py"), "--storage-path", str(tmp_path),
+           "--steps", "60", "--step-time", "0.02"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=190, env=env)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-4000:]
+    assert "[demo] step 30: touching" in out
+    [line] = [line for line in out.splitlines() if line.startswith("checkpoint step=")]
+    assert "kind=full reason=trigger" in line
+    step = int(line.split("step=")[1].split()[0])
+    assert 30 <= step < 60
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=190, env=env)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "resuming from" in out and f"step {step}" in out.split("resuming from", 1)[1]
+    assert "[demo]" not in out, "the resumed run starts after the step the demo touches at"
