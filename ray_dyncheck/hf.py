@@ -46,16 +46,16 @@ logger = logging.getLogger(__name__)
 class DynamicCheckpointCallback(TrainerCallback):
     """On-demand checkpoints for ``transformers.Trainer`` in a Ray ``TorchTrainer`` worker.
 
-    Add it on **every** rank. At each check (``check_interval`` optimizer steps, or ``auto``) all ranks
-    agree on one decision; on "save" it sets ``control.should_save`` and HF writes its usual
-    ``checkpoint-N`` (model, optimizer, scheduler, RNG, trainer state). In ``on_save`` every rank
-    reports its share of that directory with ``ray.train.report`` (rank 0 the checkpoint, each other
-    rank its own ``rng_state_<rank>.pth``), with our metadata (``kind``, ``step``, ``reason``,
-    ``request_id``), for HF's scheduled saves too. Rank 0's manifest (``dyncheck.json``) lists every
-    rank's files, so a checkpoint missing one is skipped on resume. The callback therefore
-    **replaces** Ray's ``RayTrainReportCallback`` (which cannot attach metadata): do not install both,
-    or every save is reported twice. HF's ``save_steps`` / ``save_strategy`` stay the schedule; the
-    ``save_steps`` key of the ``dynamic_checkpoint`` block is ignored here.
+    Add it on **every** rank. At each check (``check_interval`` optimizer steps, or ``auto``; and at the end
+    of each evaluation inside ``train()``, whatever the interval) all ranks agree on one decision; on "save"
+    it sets ``control.should_save`` and HF writes its usual ``checkpoint-N`` (model, optimizer, scheduler,
+    RNG, trainer state). In ``on_save`` every rank reports its share of that directory with
+    ``ray.train.report`` (rank 0 the checkpoint, each other rank its own ``rng_state_<rank>.pth``), with our
+    metadata (``kind``, ``step``, ``reason``, ``request_id``), for HF's scheduled saves too. Rank 0's
+    manifest (``dyncheck.json``) lists every rank's files, so a checkpoint missing one is skipped on resume.
+    The callback therefore **replaces** Ray's ``RayTrainReportCallback`` (which cannot attach metadata): do
+    not install both, or every save is reported twice. HF's ``save_steps`` / ``save_strategy`` stay the
+    schedule; the ``save_steps`` key of the ``dynamic_checkpoint`` block is ignored here.
 
     A weights-only save (the interrupt's default) leaves the optimizer out. For that one save the
     callback turns your ``args.save_only_model`` on at the step's end, and puts your value back first
@@ -196,15 +196,19 @@ class DynamicCheckpointCallback(TrainerCallback):
                 self._pending = self._pending.at_least(Kind.FULL)  # HF's own save at this step is a full one
             control.should_save = True
             self._set_only_model(args, self._pending.kind == Kind.WEIGHTS)
-        plan = core.check(step, full_due=scheduled)
-        if plan is not None and plan.save:
-            if self._pending is not None:  # one save for it and the one HF still owes us
-                plan = self._pending.joined(plan)
-            self._pending = plan
-            control.should_save = True
-            self._set_only_model(args, plan.kind == Kind.WEIGHTS)
-        if plan is not None and plan.stop:
-            control.should_training_stop = True
+        self._take(core.check(step, full_due=scheduled), args, control)
+        core.end_step()
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        # An evaluation inside train() (a core exists only then) may run for longer than a check interval:
+        # check once more at its end, whatever the interval; HF saves right after (the same step). With
+        # save_strategy="best" HF decides its own (full) save only after this: an agreed save is a full one.
+        core = self._core
+        if core is None:
+            return
+        full_due = bool(control.should_save) or args.save_strategy == "best"
+        self._take(core.check(state.global_step, full_due=full_due, now=True), args, control)
         core.end_step()
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -279,6 +283,17 @@ class DynamicCheckpointCallback(TrainerCallback):
             self.close(clean=True)  # a normal end: requests no check served get "unserved"
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _take(self, plan: Plan | None, args: TrainingArguments, control: TrainerControl) -> None:
+        """An agreed plan: ask HF for its save (joined with one HF still owes us), or to stop."""
+        if plan is not None and plan.save:
+            if self._pending is not None:  # one save for it and the one HF still owes us
+                plan = self._pending.joined(plan)
+            self._pending = plan
+            control.should_save = True
+            self._set_only_model(args, plan.kind == Kind.WEIGHTS)
+        if plan is not None and plan.stop:
+            control.should_training_stop = True
 
     def _set_only_model(self, args: TrainingArguments, only_model: bool) -> None:
         with self._only_model_lock:

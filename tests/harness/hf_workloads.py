@@ -70,6 +70,19 @@ def make_actions_callback(config: dict, run_dir: str, rank: int):
                 for action in config.get("actions", {}).get(str(state.global_step), []):
                     act(run_dir, action)
 
+        def on_prediction_step(self, args, state, control, **kwargs):
+            # An evaluation inside train(): rank 0 does eval_actions at the first batch of the first one;
+            # every batch is slow.
+            if rank == 0 and not self.record.get("evaluating"):
+                self.record["evaluating"] = True
+                self.record.setdefault("evaluated_at", []).append(state.global_step)
+                for action in config.get("eval_actions", []) if len(self.record["evaluated_at"]) == 1 else []:
+                    act(run_dir, action)
+            time.sleep(config.get("eval_batch_time", 0.0))
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.record["evaluating"] = False
+
         def on_train_end(self, args, state, control, **kwargs):
             self.record["final_step"] = state.global_step
             self.record["save_only_model_at_end"] = args.save_only_model

@@ -89,10 +89,12 @@ def test_a_save_that_hf_overrules_is_asked_for_again(tmp_path):
     args = hf_args(tmp_path, max_steps=6, save_strategy="best", eval_strategy="steps", eval_steps=2,
                    metric_for_best_model="loss", greater_is_better=True)
     callback = rdc.DynamicCheckpointCallback({"check_interval": 4, "poll_interval_s": 0.05}, backend=backend)
-    # The save of step 2 is stored before the check at step 4 (one still in flight defers the request to
-    # step 8, after the end: an "unserved" receipt, which is not what this test is about).
-    recorder = make_actions_callback({"actions": {"1": ['request_until_claimed:{"id": "w", "kind": "weights"}'],
-                                                  "3": ["committed:1"]}}, str(run_dir), rank=0)
+    # Asked after step 3 (the check at the end of the evaluation after step 2 would serve it sooner), once
+    # the save of step 2 is stored (one still in flight defers the request to step 8, after the end: an
+    # "unserved" receipt, which is not what this test is about).
+    recorder = make_actions_callback({"actions": {"3": ["committed:1",
+                                                        'request_until_claimed:{"id": "w", "kind": "weights"}']}},
+                                     str(run_dir), rank=0)
     Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
             callbacks=[callback, recorder]).train()
     assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
@@ -147,3 +149,23 @@ def test_each_rank_owns_its_deepspeed_zero_partition():
                       "global_step8/zero_pp_rank_3_mp_rank_00_model_states.pt": 3,
                       "global_step8/fp16_zero_pp_rank_2_mp_rank_00_optim_states.pt": 2,
                       "global_step8/mp_rank_00_model_states.pt": 0, "latest": 0, "zero_to_fp32.py": 0}
+
+
+def test_a_request_during_evaluation_is_served_at_its_end(tmp_path):
+    """A request claimed while an evaluation inside ``train()`` runs (4 slow batches after step 4) is checked at
+    the evaluation's end, whatever the interval: HF saves it right after, at step 4, not at the next regular
+    check (step 10, after the end of this 8-step run)."""
+    from transformers import Trainer
+
+    run_dir, backend = local_run(tmp_path)
+    args = hf_args(tmp_path, max_steps=8, save_strategy="no", eval_strategy="steps", eval_steps=4,
+                   per_device_eval_batch_size=2)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 10, "poll_interval_s": 0.05}, backend=backend)
+    recorder = make_actions_callback({"eval_actions": ['request_until_claimed:{"id": "e", "kind": "full"}'],
+                                      "eval_batch_time": 0.1}, str(run_dir), rank=0)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
+            callbacks=[callback, recorder]).train()
+    assert recorder.record["evaluated_at"] == [4, 8]
+    assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [(4, "full", "request")]
+    [receipt] = (run_dir / ".dyncheck" / "receipts").glob("*.json")
+    assert (json.loads(receipt.read_text())["status"], json.loads(receipt.read_text())["step"]) == ("ok", 4)
