@@ -162,6 +162,9 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
     shard either way, and a weights-only shard set cannot feed Lightning's resume). A stop (the driver's
     interrupt) sets ``trainer.should_stop``.
 
+    ``save_steps`` in the block is a schedule, as for the hook: a full save every that many optimizer steps,
+    reported like the others (``reason: schedule``), what Ray's callback's epoch-end saves were for.
+
     A request that arrives while validation runs is checked at the validation loop's end (the point where
     Lightning's own ``ModelCheckpoint`` saves: the loop state is whole there), whatever the interval.
 
@@ -214,9 +217,10 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
         if self._core is None or step == self._last_step:
             return  # accumulating gradients: not an optimizer step's end
         self._last_step = step
-        if self._core.tick(step):
-            return  # most steps: no check due
-        self._check(trainer, step, now=False)
+        scheduled = self.config.save_steps is not None and step % self.config.save_steps == 0
+        if not scheduled and self._core.tick(step):
+            return  # most steps: no check due, no schedule
+        self._check(trainer, step, schedule=scheduled)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._core is None or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -248,10 +252,10 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
         elif self._backend is not None:
             self._backend.close(timeout=0.0)
 
-    def _check(self, trainer: Any, step: int, *, now: bool) -> None:
+    def _check(self, trainer: Any, step: int, *, now: bool = False, schedule: bool = False) -> None:
         core = self._core
         assert core is not None
-        plan = core.check(step, now=now)
+        plan = core.check(step, now=now, schedule=schedule)
         if plan is not None and plan.save:
             self._save(trainer, plan)
         if plan is not None and plan.stop:

@@ -98,3 +98,17 @@ def test_a_failed_write_is_an_error_receipt_and_training_goes_on(tmp_path):
     assert checkpoints(run_dir) == []
     [receipt] = (run_dir / ".dyncheck" / "receipts").glob("*.json")
     assert json.loads(receipt.read_text())["status"] == "error"
+
+
+def test_save_steps_is_a_schedule_of_full_saves(tmp_path):
+    """The block's ``save_steps`` replaces the epoch-end saves of Ray's callback: full saves every N optimizer
+    steps (here with gradient accumulation: 2 batches a step), one per step even when a check agrees on a save
+    at the same step."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _, callback, trainer = fit(run_dir, steps=8, dc={"check_interval": 3, "save_steps": 4, "poll_interval_s": 0.05},
+                               actions={"2": ["touch_until_claimed"]}, accumulate_grad_batches=2)
+    assert trainer.global_step == 8
+    assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
+        (3, "full", "trigger"), (4, "full", "schedule"), (8, "full", "schedule")]
+    assert [json.loads((p / "dyncheck.json").read_text())["step"] for p in checkpoints(run_dir)] == [3, 4, 8]
