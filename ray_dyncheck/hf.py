@@ -26,6 +26,7 @@ from ._core import Plan, WorkerCore
 from ._hf.files import CHECKPOINT_PREFIX, share, stage
 from ._hf.registry import close_core, forget, release_leftovers, track
 from ._hf.resume import hf_resume_path, release_downloads, weights_resume
+from ._hf.sharding import sharded_layout
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind, Reason
 
@@ -101,6 +102,8 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._saved_step: int | None = None
         self._first_step = False
         """Set by ``on_train_begin``: the first step has not begun yet."""
+        self._widened = False
+        """A weights-only save was made a full one (a sharded layout): logged once."""
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
 
@@ -289,6 +292,12 @@ class DynamicCheckpointCallback(TrainerCallback):
         if plan is not None and plan.save:
             if self._pending is not None:  # one save for it and the one HF still owes us
                 plan = self._pending.joined(plan)
+            if plan.kind == Kind.WEIGHTS and (layout := sharded_layout()) is not None:
+                if not self._widened and self._core is not None and self._core.rank == 0:
+                    logger.warning("dyncheck: under %s every rank writes its shard and HF's save_only_model "
+                                   "cannot be used: weights-only saves are full ones", layout)
+                self._widened = True
+                plan = plan.at_least(Kind.FULL)
             self._pending = plan
             control.should_save = True
             self._set_only_model(args, plan.kind == Kind.WEIGHTS)

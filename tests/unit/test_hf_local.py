@@ -169,3 +169,27 @@ def test_a_request_during_evaluation_is_served_at_its_end(tmp_path):
     assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [(4, "full", "request")]
     [receipt] = (run_dir / ".dyncheck" / "receipts").glob("*.json")
     assert (json.loads(receipt.read_text())["status"], json.loads(receipt.read_text())["step"]) == ("ok", 4)
+
+
+def test_weights_only_is_full_under_hfs_sharded_layouts():
+    """Which layouts make the callback save the full state for a weights-only request. Accelerate's state is
+    built here as plain objects with the fields the check reads: on CPU workers Accelerate ignores the FSDP
+    plugin and DeepSpeed needs an accelerator, so a real one cannot be made (the GPU test runs them)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import StateDictType
+
+    from ray_dyncheck._hf.sharding import sharded_layout
+
+    def fsdp(kind):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, deepspeed_plugin=None,
+                               fsdp_plugin=SimpleNamespace(state_dict_type=kind))
+
+    assert sharded_layout(fsdp(StateDictType.SHARDED_STATE_DICT)) == "fsdp"
+    assert sharded_layout(fsdp(StateDictType.FULL_STATE_DICT)) is None  # HF's save_only_model gathers the weights
+    assert sharded_layout(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, fsdp_plugin=None,
+                                          deepspeed_plugin=object())) == "deepspeed"
+    assert sharded_layout(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None,
+                                          deepspeed_plugin=None)) is None
+    assert sharded_layout() is None  # this process: CPU (or no Accelerator yet, and none is made by asking)
