@@ -28,6 +28,7 @@ from .errors import CheckpointRestoreError
 
 __all__ = ["export_checkpoint"]
 
+HF_FSDP_DIR = "pytorch_model_fsdp_0"  # Accelerate's FSDP_MODEL_NAME, sharded state dict of the first model
 LIGHTNING_CKPT = "checkpoint.ckpt"  # the Lightning callback's file (a DCP folder under ModelParallelStrategy)
 
 
@@ -75,6 +76,14 @@ def export_checkpoint(checkpoint: str, out: str) -> list[str]:
             for name in sorted(files):
                 if name.endswith(".safetensors"):
                     weights.update(safetensors.torch.load_file(os.path.join(directory, name)))
+            if not weights and layout == "transformers" and os.path.isfile(os.path.join(directory, HF_FSDP_DIR,
+                                                                                        ".metadata")):
+                # HF under FSDP's SHARDED_STATE_DICT: Accelerate's DCP folder of {"model": state_dict}
+                try:
+                    weights = read_consolidated(directory, HF_FSDP_DIR, "model")["model"]
+                except CheckpointRestoreError as exc:
+                    raise ValueError(f"cannot export {checkpoint}: {str(exc).replace(directory, checkpoint)}") \
+                        from None
         if not weights:
             raise ValueError(f"{checkpoint} holds no model weights")
         os.makedirs(out, exist_ok=True)

@@ -75,3 +75,34 @@ def test_two_ranks_without_ray_keep_every_rank_state_and_resume_from_the_newest_
     assert r0["unreachable"] == r1["unreachable"]
     assert r0["unreachable"].startswith(f"resuming from {full} failed on 1 rank(s): rank 1: FileNotFoundError: ")
 
+
+
+def test_hf_fsdp_sharded_layout_every_ranks_shard_resume_and_export(tmp_path):
+    """HF's FSDP ``SHARDED_STATE_DICT`` folder (``pytorch_model_fsdp_0/__<rank>_0.distcp``, written by DCP from
+    an FSDP2-sharded model on 2 gloo ranks) in ``checkpoint-N``: the manifest lists every rank's shard,
+    ``hf_resume_path`` checks the DCP folder and hands it to both ranks, and ``ray-dyncheck export``
+    consolidates it into the model's weights. HF itself does not run FSDP on CPU: see the worker's docstring."""
+    import safetensors.torch
+    import torch
+
+    from gloo_workers import run_ranks
+    from hf_workloads import fsdp_layout_worker
+
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    out.mkdir()
+    run_ranks(fsdp_layout_worker, 2, str(run_dir), str(out))
+    ranks = [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["saves"] == [2]
+    [ckpt] = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")]
+    files = json.load(open(ckpt / "dyncheck.json"))["files"]
+    assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp",
+            "pytorch_model_fsdp_0/.metadata"} <= set(files) and "model.safetensors" not in files
+    assert ranks[0]["resumed"] == ranks[1]["resumed"] == str(ckpt)
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(ranks[1]["listing"])
+    exported = tmp_path / "export"
+    assert rdc.export_checkpoint(str(ckpt), str(exported))[0] == "model.safetensors"
+    weights = safetensors.torch.load_file(exported / "model.safetensors")
+    expected = torch.load(out / "weights-2.pt", weights_only=True)
+    assert weights.keys() <= expected.keys() and len(weights) >= len(expected) - 1  # a tied weight once
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)

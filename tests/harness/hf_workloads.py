@@ -195,6 +195,53 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -
     dist.destroy_process_group()
 
 
+def fsdp_layout_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """HF Trainer on two gloo ranks (LocalBackend) whose ``checkpoint-N`` holds what HF writes under FSDP with
+    ``SHARDED_STATE_DICT``: a ``pytorch_model_fsdp_0/`` DCP folder with every rank's shard (written here by DCP
+    from an FSDP2-sharded copy of the model, as Accelerate writes it: ``{"model": state_dict}``) and no
+    ``model.safetensors``. HF itself cannot run FSDP on CPU workers (Accelerate turns it on for accelerator
+    devices only): the files are the same library's, the callback's code paths are the real ones. Then both
+    ranks resume through ``hf_resume_path``."""
+    import copy
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+
+    class FsdpFolder(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "pytorch_model_fsdp_0")
+            sharded = fully_shard(copy.deepcopy(model))
+            dcp.save({"model": sharded.state_dict()}, checkpoint_id=folder)
+            dist.barrier()
+            if rank == 0:
+                os.remove(os.path.join(os.path.dirname(folder), "model.safetensors"))
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                torch.save(weights, os.path.join(out, f"weights-{state.global_step}.pt"))
+
+    args = TrainingArguments(output_dir=os.path.join(out, "hf"), max_steps=4, per_device_train_batch_size=4,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                             ddp_find_unused_parameters=False)
+    backend = rdc.LocalBackend(run_dir)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 2, "poll_interval_s": 0.05}, backend=backend)
+    recorder = make_actions_callback({"actions": {"1": ["touch_until_claimed"]}}, run_dir, rank)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(),
+            callbacks=[FsdpFolder(), callback, recorder]).train()
+    resumed = rdc.hf_resume_path(backend=rdc.LocalBackend(run_dir))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"saves": [s["step"] for s in callback.saves], "resumed": resumed,
+                   "listing": sorted(os.listdir(os.path.join(resumed, "pytorch_model_fsdp_0")))}, f)
+    dist.destroy_process_group()
+
+
 def ours() -> dict:
     """What of ours this process holds: ``dyncheck-*`` threads, process groups, ``dyncheck-*`` entries
     of the temporary directory (torch puts its own caches there too)."""
