@@ -140,3 +140,46 @@ def progress_train_fn(config: dict) -> None:
     if progress is not None:
         progress.write(f"stopped {dc.global_step} {time.time():.6f}\n")
         progress.close()
+
+
+def accelerate_train_fn(config: dict) -> None:
+    """One Ray Train worker: a plain loop written with ``accelerate.Accelerator`` (DDP on CPU workers:
+    ``MULTI_CPU``), checkpointed by the plain hook on what ``accelerator.prepare`` returned."""
+    import ray.train
+    from accelerate import Accelerator
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    run_dir = ctx.get_storage().experiment_fs_path
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    with rdc.DynamicCheckpoint(config["dynamic_checkpoint"], model=model, optimizer=opt, lr_scheduler=sched) as dc:
+        dc.restore()
+        start = dc.global_step
+        while dc.global_step < config["steps"]:
+            if rank == 0:
+                for action in config.get("actions", {}).get(str(dc.global_step), []):
+                    act(run_dir, action, out)
+            x, y = batch_for(dc.global_step, rank)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            accelerator.backward(loss)
+            opt.step()
+            sched.step()
+            dc.step(metrics={"loss": loss.detach()})
+            if dc.should_stop:
+                break
+        saves = [(s["step"], s["kind"], s["reason"]) for s in dc.saves]
+    record = {"rank": rank, "start": start, "final_step": dc.global_step, "saves": saves,
+              "distributed_type": str(accelerator.distributed_type), "lr": sched.get_last_lr()[0]}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    if rank == 0:
+        state = accelerator.unwrap_model(model).state_dict()
+        torch.save({k: v.detach().clone() for k, v in state.items()}, os.path.join(out, "final.pt"))
