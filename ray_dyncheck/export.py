@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import safetensors.torch
 import torch
 
+from ._lightning.resume import CHECKPOINT_NAME
 from ._requests.files import resolve_run_dir
 from ._state import MODEL_FILE, read_stored_manifest
 from ._state.fetch import local_directory
@@ -29,7 +30,7 @@ from .errors import CheckpointRestoreError
 __all__ = ["export_checkpoint"]
 
 HF_FSDP_DIR = "pytorch_model_fsdp_0"  # Accelerate's FSDP_MODEL_NAME, sharded state dict of the first model
-LIGHTNING_CKPT = "checkpoint.ckpt"  # the Lightning callback's file (a DCP folder under ModelParallelStrategy)
+LIGHTNING_CKPT = CHECKPOINT_NAME  # the Lightning callback's file (a DCP folder under ModelParallelStrategy)
 
 
 @contextlib.contextmanager
@@ -58,6 +59,10 @@ def export_checkpoint(checkpoint: str, out: str) -> list[str]:
     with _local(checkpoint) as (directory, manifest):
         files = manifest["files"]
         layout = manifest.get("layout")
+        if layout == "lightning" and os.path.isdir(os.path.join(directory, LIGHTNING_CKPT)) and not os.path.isfile(
+                os.path.join(directory, LIGHTNING_CKPT, ".metadata")):
+            raise ValueError(f"{checkpoint}: its {LIGHTNING_CKPT} folder is not a DCP checkpoint (DeepSpeed's "
+                             "layout?): consolidate it with DeepSpeed's zero_to_fp32.py, which is in that folder")
         if layout == "sharded" or (layout == "lightning" and os.path.isdir(os.path.join(directory, LIGHTNING_CKPT))):
             folder, key = (LIGHTNING_CKPT, "state_dict") if layout == "lightning" else (DCP_DIR, "model")
             try:

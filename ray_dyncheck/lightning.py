@@ -32,21 +32,11 @@ import torch
 
 from ._backends.base import Backend, require
 from ._core import Plan, WorkerCore
-from ._lightning.resume import CHECKPOINT_NAME, LR_SCHEDULERS_FILE, lightning_resume_path, release_downloads
+from ._lightning.framework import RayModelParallelStrategy, Recording, pl
+from ._lightning.resume import CHECKPOINT_NAME, RESUME_STATE_FILE, lightning_resume_path, release_downloads
 from ._state.staging import mine, stage_share
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind
-
-try:
-    try:
-        import lightning.pytorch as pl
-    except ModuleNotFoundError:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
-except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
-    raise ImportError(
-        "ray_dyncheck.lightning needs PyTorch Lightning: pip install 'ray_dyncheck[lightning]'. The import failed "
-        f"with: {exc}"
-    ) from exc
 
 __all__ = ["DynamicCheckpointCallback", "RayModelParallelStrategy", "resume_path"]
 
@@ -62,14 +52,14 @@ def resume_path(download_dir: str | None = None, *, backend: Backend | None = No
     """The run's newest complete checkpoint for ``trainer.fit(model, ckpt_path=resume_path())``; ``None``
     when the run has none (a fresh start).
 
-    Runs in a Ray Train worker, on **every** rank, before ``trainer.fit``. Rank 0 chooses the newest
-    checkpoint whose manifest's files (every rank's) are all there; every rank then uses that one,
-    downloaded into a new temporary directory (in ``download_dir``) when the storage is remote, and
-    checked: a DCP folder (``ModelParallelStrategy``) is read with the safe reader first, so nothing from
-    storage runs code when Lightning loads it. Also accepts checkpoints written by Ray's
-    ``RayTrainReportCallback``. A weights-only checkpoint (the interrupt's default) is handed over as a copy
-    Lightning can resume from: its step, loop and data loader state, weights, LR schedulers, and a fresh
-    optimizer (logged). Downloads go once training starts (Lightning has read them by then).
+    Runs in a Ray Train worker, on **every** rank, before ``trainer.fit``. Rank 0 chooses the newest checkpoint
+    whose manifest's files (every rank's) are all there; every rank then uses that one, downloaded into a new
+    temporary directory (in ``download_dir``) when the storage is remote, and checked: a DCP folder
+    (``ModelParallelStrategy``) is read with the safe reader first, so nothing from storage runs code when
+    Lightning loads it. Also accepts checkpoints written by Ray's ``RayTrainReportCallback``. A weights-only
+    checkpoint (the interrupt's default) is handed over as a copy Lightning can resume from: its step, loop and
+    data loader state, weights, LR schedulers, optimizer hyperparameters and a fresh optimizer (logged).
+    Downloads go once training starts (Lightning has read them by then).
 
     Lightning loads the ``.ckpt`` file itself with ``torch.load``; pass ``weights_only=True`` to
     ``trainer.fit`` so that it unpickles nothing but tensors and plain containers (see docs/lightning.md).
@@ -81,86 +71,19 @@ def resume_path(download_dir: str | None = None, *, backend: Backend | None = No
     return lightning_resume_path(download_dir, backend=backend, timeout_s=timeout_s)
 
 
-class RayModelParallelStrategy(pl.strategies.ModelParallelStrategy):  # type: ignore[misc,name-defined]
-    """Lightning's ``ModelParallelStrategy`` (FSDP2 and tensor parallelism, ``configure_model``) in a Ray
-    ``TorchTrainer`` worker: what ``ray.train.lightning`` does for ``DDPStrategy`` (``RayDDPStrategy``).
-
-    Lightning's own class indexes its devices by local rank (under Ray each worker sees its own device, so
-    the second worker on a node fails) and sizes the mesh from nodes × devices (1 × 1 under Ray). Here the
-    device is Ray's (``ray.train.torch.get_device()``) and the mesh is ``data_parallel_size`` ×
-    ``tensor_parallel_size`` over Ray's world (default: data parallel over every worker). Use it with
-    ``RayLightningEnvironment`` and without ``prepare_trainer`` (which only checks the strategy's class and
-    knows Ray's three). Runs on CPU workers too (gloo), where FSDP2 shards on the CPU.
-    """
-
-    def __init__(self, data_parallel_size: Any = "auto", tensor_parallel_size: Any = 1, **kwargs: Any) -> None:
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
-
-    @property
-    def root_device(self) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    @property
-    def num_processes(self) -> int:
-        return 1  # one process per Ray worker
-
-    def setup_environment(self) -> None:
-        import ray.train
-
-        world = ray.train.get_context().get_world_size()
-        if self._tensor_parallel_size == "auto":
-            self._tensor_parallel_size = 1
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = world // int(self._tensor_parallel_size)
-        if int(self._data_parallel_size) * int(self._tensor_parallel_size) != world:
-            raise ValueError(f"RayModelParallelStrategy: data_parallel_size ({self._data_parallel_size}) × "
-                             f"tensor_parallel_size ({self._tensor_parallel_size}) must be Ray's world size "
-                             f"({world}): pass sizes whose product is ScalingConfig(num_workers)")
-        super().setup_environment()
-
-
-class _Recording(pl.plugins.CheckpointIO):  # type: ignore[misc,name-defined]
-    """The strategy's own ``CheckpointIO`` for one save, recording a failure of its write instead of raising
-    it: rank 0 then still reaches Lightning's barrier in ``save_checkpoint``, and every rank learns of the
-    error in our next collective (no rank is left waiting in Lightning's)."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        async_io = getattr(pl.plugins, "AsyncCheckpointIO", None)
-        if async_io is not None and isinstance(inner, async_io):
-            inner = inner.checkpoint_io  # written now: staging links the file right after the save returns
-        self.inner = inner
-        self.error: BaseException | None = None
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        try:
-            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        except Exception as exc:
-            self.error = exc
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-
 class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
     """On-demand checkpoints for a Lightning ``Trainer`` in a Ray ``TorchTrainer`` worker.
 
-    Add it on **every** rank, in place of Ray's ``RayTrainReportCallback`` (which reports at epoch ends
-    only and cannot attach metadata; with both, checkpoints are reported twice). At optimizer-step
-    boundaries (gradient accumulation respected: ``trainer.global_step`` moved), every ``check_interval``
-    steps or ``auto``, all ranks agree on one decision; on "save" every rank calls
-    ``trainer.save_checkpoint(..., weights_only=kind == "weights")`` mid-epoch, and reports the files it
-    wrote (rank 0 the ``.ckpt`` and the manifest of every rank's files; under ``ModelParallelStrategy`` each
-    rank its DCP shard) with ``ray.train.report`` and our metadata (``kind``, ``step``, ``reason``,
-    ``request_id``). A weights-only save keeps the LR schedulers beside the file; under a sharded strategy
-    (FSDP, ``ModelParallelStrategy``, DeepSpeed) it saves the full state instead (every rank writes its
-    shard either way, and a weights-only shard set cannot feed Lightning's resume). A stop (the driver's
-    interrupt) sets ``trainer.should_stop``.
+    Add it on **every** rank, in place of Ray's ``RayTrainReportCallback`` (which reports at epoch ends only and
+    cannot attach metadata; with both, checkpoints are reported twice). At optimizer-step boundaries (gradient
+    accumulation respected: ``trainer.global_step`` moved), every ``check_interval`` steps or ``auto``, all
+    ranks agree on one decision; on "save" every rank calls ``trainer.save_checkpoint(..., weights_only=kind ==
+    "weights")`` mid-epoch, and reports the files it wrote (rank 0 the ``.ckpt`` and the manifest of every
+    rank's files; under ``ModelParallelStrategy`` each rank its DCP shard) with ``ray.train.report`` and our
+    metadata (``kind``, ``step``, ``reason``, ``request_id``). A weights-only save keeps the LR schedulers and
+    optimizer hyperparameters beside the file; under a sharded strategy (FSDP, ``ModelParallelStrategy``,
+    DeepSpeed) it saves the full state instead (every rank writes its shard either way, and a weights-only shard
+    set cannot feed Lightning's resume). A stop (the driver's interrupt) sets ``trainer.should_stop``.
 
     ``save_steps`` in the block is a schedule, as for the hook: a full save every that many optimizer steps,
     reported like the others (``reason: schedule``), what Ray's callback's epoch-end saves were for.
@@ -184,6 +107,8 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
         self._backend = backend if backend is None else require(backend)
         self._core: WorkerCore | None = None
         self._last_step: int | None = None
+        self._boundary = True
+        """The last training batch ended an optimizer step (every rank alike)."""
         self._widened = False
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
@@ -210,11 +135,13 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
         release_downloads()  # Lightning has read the checkpoint it resumed from
         if self._core is not None:
             self._last_step = trainer.global_step
+            self._boundary = True
             self._core.start_at(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._core is None or step == self._last_step:
+        self._boundary = step != self._last_step  # the same on every rank: the same batches, the same steps
+        if self._core is None or not self._boundary:
             return  # accumulating gradients: not an optimizer step's end
         self._last_step = step
         scheduled = self.config.save_steps is not None and step % self.config.save_steps == 0
@@ -225,6 +152,12 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._core is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return  # a validation inside fit() only (a core exists only then)
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            # val_check_interval as a time: each rank decides on its own clock when to validate, so the
+            # ranks may not be here together; the regular checks only.
+            return
+        if not self._boundary:
+            return  # mid-accumulation: the gradients so far would be in no checkpoint
         self._check(trainer, trainer.global_step, now=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -232,6 +165,7 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._release(clean=False)  # claims stay, for a restarted worker group
+        release_downloads()  # Lightning calls no teardown hook when fit() raises
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
@@ -239,9 +173,11 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
         release_downloads()
 
     def close(self) -> None:
-        """Release what the callback holds (its core's threads and side group); Lightning's ``teardown``
-        does it, so only a caller who ends training another way needs this."""
+        """Release what the callback holds (its core's threads and side group, a resume's download);
+        Lightning's ``on_train_end``, ``on_exception`` and ``teardown`` do it, so only a caller who ends
+        training another way needs this."""
         self._release(clean=False)
+        release_downloads()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -277,58 +213,93 @@ class DynamicCheckpointCallback(pl.Callback):  # type: ignore[misc,name-defined]
             plan = plan.at_least(Kind.FULL)
         kind = plan.kind
         assert kind is not None
-        root = os.path.join(tempfile.gettempdir(), STAGING_DIR)
-        made = tempfile.mkdtemp(prefix=f"step{plan.step}-", dir=_made(root)) if core.rank == 0 else None
-        source = str(core.agreement.broadcast(made))  # one folder name on every rank, as Lightning's FSDP saves need
-        error: str | None = None
-        try:
-            os.makedirs(source, exist_ok=True)
-            recording = _Recording(trainer.strategy.checkpoint_io)
-            before = trainer.strategy.checkpoint_io
-            trainer.strategy.checkpoint_io = recording
+        root = os.path.join(tempfile.gettempdir(), f"{STAGING_DIR}-{os.getuid()}")
+        made: tuple[str | None, str | None] = (None, None)
+        if core.rank == 0:
             try:
-                trainer.save_checkpoint(os.path.join(source, CHECKPOINT_NAME), weights_only=kind == Kind.WEIGHTS)
-            finally:
-                trainer.strategy.checkpoint_io = before
-            if recording.error is not None:
-                raise recording.error
-            if kind == Kind.WEIGHTS and core.rank == 0:
-                torch.save([c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-                           os.path.join(source, LR_SCHEDULERS_FILE))
-            files = mine(source, core.rank)
-        except Exception as exc:
-            logger.exception("dyncheck: rank %d could not save its checkpoint at step %d", core.rank, plan.step)
-            error, files = f"rank {core.rank}: {type(exc).__name__}: {exc}", {}
-        gathered: list[Any] = core.agreement.all_gather((files, error))  # every rank's files and errors
-        errors = [e for _, e in gathered if e is not None]
-        directory = None
-        if errors:
-            error = "; ".join(errors)  # the same on every rank: nobody passes files
-        else:
-            try:
-                directory = stage_share(source, root, step=plan.step, kind=kind, shares=[f for f, _ in gathered],
-                                        rank=core.rank, world_size=core.world_size,
-                                        merged=core.backend.merges_rank_dirs,
-                                        backend_name=type(core.backend).__name__, layout="lightning")
+                os.makedirs(root, exist_ok=True)
+                made = (tempfile.mkdtemp(prefix=f"step{plan.step}-", dir=root), None)
             except Exception as exc:
-                logger.exception("dyncheck: rank %d could not stage its checkpoint files", core.rank)
-                error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
-            try:
+                logger.exception("dyncheck: rank 0 could not make a folder in %s for the save at step %d", root,
+                                 plan.step)
+                made = (None, f"rank 0: {type(exc).__name__}: {exc}")
+        # One folder name on every rank (Lightning's sharded saves write into rank 0's), or rank 0's error.
+        agreed: Any = core.agreement.broadcast(made)
+        source: str | None = agreed[0]
+        error: str | None = agreed[1]
+        directory = None
+        try:
+            files, metrics = {}, {}
+            if error is None:
+                try:
+                    files = self._write(trainer, str(source), kind, core.rank)
+                    metrics = _metrics(trainer, plan.step)
+                except Exception as exc:
+                    logger.exception("dyncheck: rank %d could not save its checkpoint at step %d", core.rank,
+                                     plan.step)
+                    error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
+            gathered: list[Any] = core.agreement.all_gather((files, error))  # every rank's files and errors
+            errors = sorted({e for _, e in gathered if e is not None})
+            if errors:
+                error = "; ".join(errors)  # the same on every rank: nobody passes files
+            else:
+                try:
+                    directory = stage_share(str(source), root, step=plan.step, kind=kind,
+                                            shares=[f for f, _ in gathered], rank=core.rank,
+                                            world_size=core.world_size, merged=core.backend.merges_rank_dirs,
+                                            backend_name=type(core.backend).__name__, layout="lightning")
+                except Exception as exc:
+                    logger.exception("dyncheck: rank %d could not stage its checkpoint files", core.rank)
+                    error = f"rank {core.rank}: {type(exc).__name__}: {exc}"
                 error = core.agreement.shared_error(error, "stage its files")  # also: every rank has staged
-            except BaseException:
-                if directory is not None:  # a peer is gone: the error goes on up, the staged files go now
+                if error is not None and directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
-                raise
-            if error is not None and directory is not None:
+                    directory = None
+        except BaseException:
+            if directory is not None:  # a peer is gone: the error goes on up, the staged files go now
                 shutil.rmtree(directory, ignore_errors=True)
-                directory = None
-        shutil.rmtree(source, ignore_errors=True)  # staged as links; every rank of this node is past staging
-        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                                   if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
-        metrics.update(epoch=trainer.current_epoch, step=plan.step)
+            raise
+        finally:
+            if source is not None:
+                shutil.rmtree(str(source), ignore_errors=True)  # staged as links; this node's ranks are past it
         core.report(plan, directory, metrics, error=error)
 
+    def _write(self, trainer: Any, source: str, kind: str, rank: int) -> dict[str, int]:
+        """This rank's part of Lightning's save into ``source``; returns the files it owns there."""
+        os.makedirs(source, exist_ok=True)
+        strategy = trainer.strategy
+        recording = Recording(strategy.checkpoint_io)
+        before = strategy.checkpoint_io
+        # A write that fails on one rank must not leave the others in Lightning's barrier at the end of
+        # save_checkpoint: our all_gather right after it is the barrier (every rank's files are written
+        # by then), and it carries the error to every rank.
+        own_barrier = strategy.__dict__.get("barrier")  # None: the class's method
+        strategy.checkpoint_io, strategy.barrier = recording, _no_barrier
+        try:
+            trainer.save_checkpoint(os.path.join(source, CHECKPOINT_NAME), weights_only=kind == Kind.WEIGHTS)
+        finally:
+            strategy.checkpoint_io = before
+            if own_barrier is None:
+                del strategy.barrier
+            else:
+                strategy.barrier = own_barrier
+        if recording.error is not None:
+            raise recording.error
+        if kind == Kind.WEIGHTS and rank == 0:
+            # Lightning's weights_only file has no optimizer or scheduler state: the LR schedule and each
+            # optimizer's hyperparameters (its learning rate among them; not its moments) go beside it.
+            torch.save({"lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+                        "param_groups": [o.state_dict()["param_groups"] for o in trainer.optimizers]},
+                       os.path.join(source, RESUME_STATE_FILE))
+        return mine(source, rank)
 
-def _made(root: str) -> str:
-    os.makedirs(root, exist_ok=True)
-    return root
+
+def _no_barrier(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _metrics(trainer: Any, step: int) -> dict[str, Any]:
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                               if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
+    metrics.update(epoch=trainer.current_epoch, step=step)
+    return metrics

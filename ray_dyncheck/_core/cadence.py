@@ -80,15 +80,15 @@ class Cadence:
         self._tick_s += self._t_exit - t
         return True
 
-    def enter(self, step: int) -> tuple[bool, float]:
-        """The start of a step that was not a plain :meth:`tick`: ``(check due, when it began)``. When
-        no check is due it may announce a waiting request."""
+    def enter(self, step: int, now: bool = False) -> tuple[bool, float]:
+        """The start of a step that was not a plain :meth:`tick`: ``(check due, when it began)``; ``now``:
+        a check is due whatever the interval. When no check is due it may announce a waiting request."""
         t_enter = time.perf_counter()
         self.last_step = step
         if self._t_exit is not None:
             self._train_s += t_enter - self._t_exit
         self._steps_since_check += 1
-        if step >= self.next_check:
+        if step >= self.next_check or now:
             self._announced = False
             return True, t_enter
         if self._announce_due():

@@ -130,8 +130,7 @@ class WorkerCore:
         the requests of a stop without a save are then answered by it. ``now``: check whatever the interval
         says (every rank passes it at the same point: the end of a validation or evaluation loop, where a
         request may have waited longer than a check interval)."""
-        due, t_enter = self.cadence.enter(step)
-        due = due or (now and self.config.enabled)
+        due, t_enter = self.cadence.enter(step, now=now and self.config.enabled)
         if not due:
             return self._scheduled(step, None) if schedule else None
         interval = self.cadence.interval

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import posixpath
 import shutil
 import tempfile
@@ -27,13 +28,16 @@ from .._state.dcp_safe import check_dcp_folder
 from .._state.fetch import download, keep_download, newest, release_downloads
 from ..vocab import Kind
 
-__all__ = ["CHECKPOINT_NAME", "LR_SCHEDULERS_FILE", "lightning_resume_path", "release_downloads"]
+__all__ = ["CHECKPOINT_NAME", "RESUME_STATE_FILE", "lightning_resume_path", "release_downloads"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # ray.train.lightning.RayTrainReportCallback.CHECKPOINT_NAME
-LR_SCHEDULERS_FILE = "lr_schedulers.pt"
-"""A weights-only save's LR schedulers (``weights_only=True`` leaves them out of Lightning's file)."""
+RESUME_STATE_FILE = "resume_state.pt"
+"""Beside a weights-only save: ``{"lr_schedulers": [...], "param_groups": [...]}``, what Lightning's
+``weights_only=True`` file leaves out and a resume needs (the LR schedule; each optimizer's hyperparameters,
+its learning rate among them, without its moments)."""
+META_FILE = "meta.pt"  # Lightning's non-tensor state beside a DCP folder's shards (ModelParallelStrategy)
 
 
 def _choose(fs: pafs.FileSystem, paths: Iterable[str],
@@ -91,8 +95,11 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
             ckpt = os.path.join(root, CHECKPOINT_NAME)
             if os.path.isdir(ckpt):
                 # ModelParallelStrategy's DCP folder: Lightning loads it with DCP's own reader, which
-                # unpickles freely; checked here first, so nothing from storage runs code.
+                # unpickles freely, and its meta.pt with torch.load, weights_only as fit() got it, or (a
+                # Lightning that restores after setup passes none) torch's default: both checked here
+                # first, so nothing from storage runs code.
                 check_dcp_folder(ckpt)
+                _check_meta(os.path.join(ckpt, META_FILE))
             elif not os.path.isfile(ckpt):
                 raise ValueError(f"{root} has no {CHECKPOINT_NAME}")
             elif choice["kind"] == Kind.WEIGHTS:
@@ -123,14 +130,29 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
 def _complete_weights(root: str, into: str) -> tuple[str, bool]:
     """A weights-only checkpoint Lightning can resume from: Lightning's own ``weights_only=True`` file has no
     optimizer or scheduler states, and ``fit(ckpt_path=...)`` raises ``KeyError`` on it. The copy in ``into``
-    has no optimizer states (a fresh optimizer: Lightning loads none from an empty list) and the LR schedulers
-    the save kept beside it; returns its path and whether schedulers were kept. Read with
+    has optimizer states without moments (a fresh optimizer, with the hyperparameters the save kept beside
+    it) and the LR schedulers kept there; returns its path and whether they were kept. Read with
     ``weights_only=True``: nothing from storage runs code."""
     checkpoint = torch.load(os.path.join(root, CHECKPOINT_NAME), map_location="cpu", weights_only=True)
-    schedulers = os.path.join(root, LR_SCHEDULERS_FILE)
-    checkpoint["optimizer_states"] = []
-    checkpoint["lr_schedulers"] = (torch.load(schedulers, map_location="cpu", weights_only=True)
-                                   if os.path.isfile(schedulers) else [])
+    file = os.path.join(root, RESUME_STATE_FILE)
+    kept = torch.load(file, map_location="cpu", weights_only=True) if os.path.isfile(file) else {}
+    # Each optimizer without moments but with its hyperparameters (a scheduler's state holds no learning
+    # rate: without them the optimizer would go on from its initial one).
+    checkpoint["optimizer_states"] = [{"state": {}, "param_groups": groups}
+                                      for groups in kept.get("param_groups", [])]
+    checkpoint["lr_schedulers"] = kept.get("lr_schedulers", [])
     path = os.path.join(into, CHECKPOINT_NAME)
     torch.save(checkpoint, path)
-    return path, os.path.isfile(schedulers)
+    return path, bool(kept)
+
+
+def _check_meta(path: str) -> None:
+    """Lightning's ``meta.pt`` beside a DCP folder, read as Lightning may read it, but refusing anything that
+    would run code."""
+    if not os.path.isfile(path):
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} holds more than tensors and plain containers, which would run code when "
+                         f"loaded: refused ({exc})") from None

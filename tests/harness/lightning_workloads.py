@@ -62,13 +62,20 @@ class Tiny(pl.LightningModule):
         if self.loader is not None:
             self.loader.consumed += 1
         loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("loss", loss)
+        self.log("loss", loss, batch_size=x.shape[0])
         return loss
+
+    fail_save: tuple[int, int] | None = None
+    """``(rank, step)``: a hook of the user's that raises while that rank saves at that step."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.fail_save is not None and (self.global_rank, self.trainer.global_step) == tuple(self.fail_save):
+            raise OSError(28, "No space left on device (injected)")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("val_loss", loss, sync_dist=True)
+        self.log("val_loss", loss, sync_dist=True, batch_size=x.shape[0])
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -149,6 +156,7 @@ def train_fn(config: dict) -> None:
     loader = Batches(config.get("batches", 40), rank, world)
     sharded = config.get("model") == "fsdp"
     model = (Sharded if sharded else Tiny)(loader=loader)
+    model.fail_save = config.get("fail_save")
     actions = make_actions_callback(config, run_dir, rank)
     callback = DynamicCheckpointCallback(config["dynamic_checkpoint"])
     val = config.get("val_every")

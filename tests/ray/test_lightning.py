@@ -80,6 +80,23 @@ def test_trigger_mid_epoch_and_during_validation_then_resume_at_the_same_batch(r
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a), "bitwise where the uninterrupted run ended"
 
 
+def test_a_save_that_fails_on_one_rank_is_an_error_receipt_and_no_rank_waits(ray_local, tmp_path):
+    """Rank 1's hook raises while it saves at step 4 (rank 0 writes the file): no rank waits in Lightning's
+    barrier, nothing is reported, the request gets an error receipt naming rank 1, training goes on, and the
+    next request saves."""
+    storage = tmp_path / "results"
+    result = make_trainer(storage, "failing", tmp_path / "a", steps=8, fail_save=[1, 4],
+                          dc={"check_interval": 4, "poll_interval_s": 0.05},
+                          actions={"2": ['request_until_claimed:{"id": "first", "kind": "full"}'],
+                                   "5": ['request_until_claimed:{"id": "second", "kind": "full"}']}).fit()
+    r0, r1 = records(tmp_path / "a")
+    assert r0["final_step"] == r1["final_step"] == 8
+    assert [(s, m["request_id"]) for s, m, _ in reported(result)] == [(8, "second")]
+    rec = receipts(storage / "failing")
+    assert rec["first"]["status"] == "error" and "rank 1: OSError" in rec["first"]["error"]
+    assert (rec["second"]["status"], rec["second"]["step"]) == ("ok", 8)
+
+
 def test_fsdp2_trigger_saves_every_ranks_shard_and_resumes(ray_local, tmp_path):
     """``RayModelParallelStrategy`` shards with FSDP2 on the CPU workers: Lightning writes a DCP folder, each
     rank reports its own shard, rank 0's manifest lists both; the resume ends bitwise where the
@@ -115,7 +132,7 @@ def test_ctrl_c_saves_weights_that_export_loads_into_the_model(tmp_path):
     [path] = [p for p in run_dir.glob("checkpoint_*") if "weights" in p.name]
     manifest = json.load(open(path / "dyncheck.json"))
     assert (manifest["kind"], manifest["layout"]) == ("weights", "lightning")
-    assert set(manifest["files"]) == {"checkpoint.ckpt", "lr_schedulers.pt"}
+    assert set(manifest["files"]) == {"checkpoint.ckpt", "resume_state.pt"}
     ckpt = torch.load(path / "checkpoint.ckpt", weights_only=True)
     assert "optimizer_states" not in ckpt and ckpt["global_step"] == manifest["step"]
     out = tmp_path / "export"

@@ -21,7 +21,20 @@ pytestmark = [
 ]
 
 
-def fit(run_dir, steps=12, ckpt=None, dc=None, actions=None, **kw):
+class LearningRates(pl.Callback):
+    """The optimizer's learning rate at the start of each optimizer step after the first."""
+
+    def __init__(self, into):
+        self.into = into
+
+    def on_train_start(self, trainer, pl_module):
+        self.into.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.into.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit(run_dir, steps=12, ckpt=None, dc=None, actions=None, callbacks=(), val=None, **kw):
     from ray_dyncheck.lightning import DynamicCheckpointCallback
 
     torch.manual_seed(0)
@@ -30,10 +43,13 @@ def fit(run_dir, steps=12, ckpt=None, dc=None, actions=None, **kw):
     callback = DynamicCheckpointCallback(dc or {"check_interval": 4, "poll_interval_s": 0.05},
                                          backend=rdc.LocalBackend(str(run_dir)))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[callback, make_actions_callback({"actions": actions or {}}, str(run_dir), 0)],
+                         enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=kw.pop("limit_val_batches", 0),
+                         callbacks=[callback, make_actions_callback({"actions": actions or {}}, str(run_dir), 0),
+                                    *callbacks],
                          **kw)
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt, weights_only=True if ckpt else None)
+    trainer.fit(model, train_dataloaders=loader, val_dataloaders=val, ckpt_path=ckpt,
+                weights_only=True if ckpt else None)
     return model, callback, trainer
 
 
@@ -71,15 +87,19 @@ def test_a_weights_only_checkpoint_resumes_at_its_step_with_the_lr_schedule_and_
                                                            '"stop": true}']})
     assert trainer.global_step == 4 and [(s["step"], s["kind"]) for s in callback.saves] == [(4, "weights")]
     [path] = checkpoints(run_dir)
-    assert set(json.loads((path / "dyncheck.json").read_text())["files"]) == {"checkpoint.ckpt", "lr_schedulers.pt"}
+    assert set(json.loads((path / "dyncheck.json").read_text())["files"]) == {"checkpoint.ckpt", "resume_state.pt"}
     with pytest.raises(KeyError, match="contains only the model"):  # what Lightning does with it alone
         fit(tmp_path / "other", ckpt=str(path / "checkpoint.ckpt"))
     ckpt = resume(run_dir)
     assert "resuming Trainer from weights-only checkpoint" in caplog.text and "optimizer starts fresh" in caplog.text
     assert ckpt != str(path / "checkpoint.ckpt"), "a completed copy, the stored checkpoint untouched"
-    resumed, _, trainer = fit(run_dir, ckpt=ckpt, steps=6)
-    assert resumed.seen == [4, 5]
-    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6, "the LR schedule went on from step 4"
+    lrs = []
+    resumed, _, trainer = fit(run_dir, ckpt=ckpt, steps=9, callbacks=[LearningRates(lrs)])
+    assert resumed.seen == [4, 5, 6, 7, 8]
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9, "the LR schedule went on from step 4"
+    # StepLR(3, 0.5) from 0.05, as in a run that never stopped: a scheduler's state holds no learning rate,
+    # so the optimizer's hyperparameters came back too (its moments did not).
+    assert lrs == [0.025, 0.025, 0.0125, 0.0125, 0.0125, 0.00625]
     assert not os.path.exists(os.path.dirname(ckpt)), "the completed copy goes once training has read it"
 
 
@@ -112,3 +132,26 @@ def test_save_steps_is_a_schedule_of_full_saves(tmp_path):
     assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
         (3, "full", "trigger"), (4, "full", "schedule"), (8, "full", "schedule")]
     assert [json.loads((p / "dyncheck.json").read_text())["step"] for p in checkpoints(run_dir)] == [3, 4, 8]
+
+
+
+def test_validation_checks_only_at_optimizer_step_ends_and_not_on_a_clock(tmp_path):
+    """A request during validation is served at its end, unless that validation began mid-accumulation (the
+    gradients so far would be in no checkpoint) or validation runs on a clock (each rank on its own: the
+    ranks would not be there together); the regular checks serve it then."""
+    from lightning_workloads import Batches as Val
+
+    def run(name, **kw):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        _, callback, _ = fit(run_dir, steps=8, dc={"check_interval": 6, "poll_interval_s": 0.05},
+                             val=Val(2), limit_val_batches=2, num_sanity_val_steps=0, **kw)
+        return [(s["step"], s["reason"]) for s in callback.saves]
+
+    touch = {"1": ["touch_until_claimed"]}
+    # Validation after every 4 batches, one optimizer step a batch: at step 4 (an optimizer step's end).
+    assert run("aligned", val_check_interval=4, actions=touch) == [(4, "trigger")]
+    # Two batches a step, validation after every 3 batches: at steps 1.5 and 3, the first mid-accumulation.
+    assert run("accumulating", val_check_interval=3, accumulate_grad_batches=2, actions=touch) == [(3, "trigger")]
+    # On a clock: the regular check at step 6 serves it.
+    assert run("clock", val_check_interval="00:00:00:00", actions=touch) == [(6, "trigger")]
