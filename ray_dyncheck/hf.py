@@ -104,6 +104,15 @@ class DynamicCheckpointCallback(TrainerCallback):
         """Set by ``on_train_begin``: the first step has not begun yet."""
         self._widened = False
         """A weights-only save was made a full one (a sharded layout): logged once."""
+        self._stop_after_save = False
+        """The pending save's plan also stops: training stops once HF has saved it (``on_save``)."""
+        self._eval_step: int | None = None
+        """The step whose evaluation inside ``train()`` HF runs next (its schedule said so at the step's or
+        epoch's end, or ``eval_on_start``): ``on_evaluate`` checks only then."""
+        self._scheduled_at: int | None = None
+        """The step at whose end HF's own schedule asked for a (full) save."""
+        self._args: TrainingArguments | None = None
+        """The arguments whose ``save_only_model`` this callback may have changed."""
         self.saves: list[dict[str, Any]] = []
         """Rank 0: one entry per reported save (step, kind, reason, requests, name, path once stored)."""
 
@@ -138,6 +147,9 @@ class DynamicCheckpointCallback(TrainerCallback):
         """Close the core and end a LocalBackend's store thread; downloads are left alone (in
         ``on_train_begin`` HF has not read the RNG states of the checkpoint it resumes from yet)."""
         core, self._core, self._pending = self._core, None, None
+        self._stop_after_save, self._eval_step = False, None
+        if self._args is not None:  # your save_only_model as you set it, also after a train() that raised
+            self._restore_only_model(self._args)
         if core is not None:
             forget(core)
             close_core(core, clean)
@@ -173,6 +185,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._core = WorkerCore(self.config, backend, self.saves)  # collective: every rank is here
         track(self._core, self._release_if_own)
         self._first_step = True
+        self._eval_step = state.global_step if args.eval_on_start else None
         self._core.start_at(state.global_step)
         self._finish_weights_resume(state, kwargs.get("lr_scheduler"))
 
@@ -181,6 +194,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         # HF did not save at the step that asked (save_strategy="best" re-decides should_save): your
         # value while this step trains; the step's end asks again.
         self._restore_only_model(args)
+        self._eval_step = None
         if self._first_step:  # HF has read the checkpoint it resumed from, RNG states included
             self._first_step = False
             release_downloads()
@@ -200,6 +214,8 @@ class DynamicCheckpointCallback(TrainerCallback):
             control.should_save = True
             self._set_only_model(args, self._pending.kind == Kind.WEIGHTS)
         self._take(core.check(step, full_due=scheduled), args, control)
+        self._scheduled_at = step if scheduled else None
+        self._eval_step = step if control.should_evaluate else None
         core.end_step()
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -207,11 +223,18 @@ class DynamicCheckpointCallback(TrainerCallback):
         # An evaluation inside train() (a core exists only then) may run for longer than a check interval:
         # check once more at its end, whatever the interval; HF saves right after (the same step). With
         # save_strategy="best" HF decides its own (full) save only after this: an agreed save is a full one.
-        core = self._core
-        if core is None:
+        # Only for the evaluation HF's schedule ran inside train() (not a trainer.evaluate() of yours, also
+        # not after a train() that raised), once (an eval_dataset dict evaluates each of its datasets), and
+        # not at a step already saved (HF would rewrite checkpoint-N in place while its upload reads it).
+        core, step = self._core, state.global_step
+        if core is None or self._eval_step != step:
             return
-        full_due = bool(control.should_save) or args.save_strategy == "best"
-        self._take(core.check(state.global_step, full_due=full_due, now=True), args, control)
+        self._eval_step = None
+        if self._saved_step == step and self._pending is None:
+            return  # the next regular check serves what waits
+        full_due = self._scheduled_at == step or (bool(control.should_save) and self._pending is None) or \
+            args.save_strategy == "best"
+        self._take(core.check(step, full_due=full_due, now=True), args, control)
         core.end_step()
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -220,6 +243,8 @@ class DynamicCheckpointCallback(TrainerCallback):
             # save_strategy="epoch" asks for the step we just saved: one save per step. A second one
             # would also rewrite checkpoint-N in place while its upload may still read it.
             control.should_save = False
+        if control.should_evaluate and self._core is not None:
+            self._eval_step = state.global_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
@@ -272,6 +297,9 @@ class DynamicCheckpointCallback(TrainerCallback):
             metrics.update({k: v for k, v in log.items() if isinstance(v, (int, float))})
         core.report(plan, directory, metrics, error=error)
         self._saved_step = step
+        if pending is not None and self._stop_after_save:  # the stop that came with this save
+            self._stop_after_save = False
+            control.should_training_stop = True
         core.end_step()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -302,13 +330,19 @@ class DynamicCheckpointCallback(TrainerCallback):
             control.should_save = True
             self._set_only_model(args, plan.kind == Kind.WEIGHTS)
         if plan is not None and plan.stop:
-            control.should_training_stop = True
+            if plan.save:
+                # Once HF has saved it (save_strategy="best" may still turn should_save off after an
+                # evaluation; the next step's end asks again): a stop never goes without its save.
+                self._stop_after_save = True
+            else:
+                control.should_training_stop = True
 
     def _set_only_model(self, args: TrainingArguments, only_model: bool) -> None:
         with self._only_model_lock:
             if self._only_model_before is None:
                 self._only_model_before = bool(args.save_only_model)
             args.save_only_model = only_model
+            self._args = args
 
     def _restore_only_model(self, args: TrainingArguments) -> bool:
         """Put your ``save_only_model`` back; returns the value in effect until now (HF saved with it)."""

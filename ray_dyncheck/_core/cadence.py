@@ -84,10 +84,12 @@ class Cadence:
         """The start of a step that was not a plain :meth:`tick`: ``(check due, when it began)``; ``now``:
         a check is due whatever the interval. When no check is due it may announce a waiting request."""
         t_enter = time.perf_counter()
+        again = now and step == self.last_step  # after an evaluation at the step just counted: no training
         self.last_step = step
-        if self._t_exit is not None:
+        if self._t_exit is not None and not again:
             self._train_s += t_enter - self._t_exit
-        self._steps_since_check += 1
+        if not again:
+            self._steps_since_check += 1
         if step >= self.next_check or now:
             self._announced = False
             return True, t_enter

@@ -1,8 +1,9 @@
-"""Whether HF's ``Trainer`` runs under a sharded layout (Accelerate's FSDP with ``SHARDED_STATE_DICT``, or
-DeepSpeed), where a weights-only save is not one: HF refuses ``save_only_model`` with FSDP's sharded state
-dict (``Trainer`` checks it once, at its start; the callback's per-save toggle would slip past that check),
-and under ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` HF's model save writes no usable
-weights. Every rank writes its shard either way, so the callback saves the full state there instead."""
+"""Whether HF's ``Trainer`` runs under a sharded layout (Accelerate's FSDP, or DeepSpeed), where a weights-only
+save is not one: HF refuses ``save_only_model`` with FSDP's sharded state dict (``Trainer`` checks it once, at
+its start; the callback's per-save toggle would slip past that check); under FSDP's full state dict
+``save_only_model`` leaves out ``pytorch_model_fsdp.bin``, which HF's resume under FSDP loads; and under ZeRO-3
+without ``stage3_gather_16bit_weights_on_model_save`` HF's model save writes no usable weights. Every rank
+writes its shard either way, so the callback saves the full state there instead."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ __all__ = ["sharded_layout"]
 
 
 def sharded_layout(state: Any = None) -> str | None:
-    """``"fsdp"`` (FSDP, ``SHARDED_STATE_DICT``), ``"deepspeed"``, or ``None`` (a layout where HF's
+    """``"fsdp"`` (any FSDP state dict type), ``"deepspeed"``, or ``None`` (a layout where HF's
     ``save_only_model`` writes the full weights). ``state``: Accelerate's ``AcceleratorState`` (default: the
     live one of this process, if ``Trainer`` made one; ``None`` when it did not)."""
     if state is None:
@@ -25,8 +26,6 @@ def sharded_layout(state: Any = None) -> str | None:
         state = AcceleratorState()
     if getattr(state, "deepspeed_plugin", None) is not None:
         return "deepspeed"
-    plugin = getattr(state, "fsdp_plugin", None)
-    kind = str(getattr(state, "distributed_type", ""))
-    if plugin is not None and "FSDP" in kind and "SHARDED_STATE_DICT" in str(plugin.state_dict_type):
+    if getattr(state, "fsdp_plugin", None) is not None and "FSDP" in str(getattr(state, "distributed_type", "")):
         return "fsdp"
     return None

@@ -93,7 +93,13 @@ def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | Non
             if read_manifest(root) is None and choice["manifest"]:  # raises ValueError when incomplete
                 raise ValueError(f"{root} has no {MANIFEST_FILE}")
             ckpt = os.path.join(root, CHECKPOINT_NAME)
-            if os.path.isdir(ckpt):
+            if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, ".metadata")):
+                # Not DCP: DeepSpeedStrategy's folder, which Lightning hands to DeepSpeed's own loader as it
+                # is (it unpickles its .pt files: see docs/lightning.md, Security).
+                if rank == 0:
+                    logger.warning("dyncheck: %s is not a DCP folder (DeepSpeed's?): handed over unchecked; "
+                                   "DeepSpeed's loader trusts the storage", ckpt)
+            elif os.path.isdir(ckpt):
                 # ModelParallelStrategy's DCP folder: Lightning loads it with DCP's own reader, which
                 # unpickles freely, and its meta.pt with torch.load, weights_only as fit() got it, or (a
                 # Lightning that restores after setup passes none) torch's default: both checked here

@@ -71,12 +71,17 @@ def make_actions_callback(config: dict, run_dir: str, rank: int):
                     act(run_dir, action)
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            # An evaluation inside train(): rank 0 does eval_actions at the first batch of the first one;
-            # every batch is slow.
+            # An evaluation inside train(): rank 0 does eval_actions at the first batch of the first one (a
+            # list) or of the one after that step (a dict); every batch is slow.
             if rank == 0 and not self.record.get("evaluating"):
                 self.record["evaluating"] = True
                 self.record.setdefault("evaluated_at", []).append(state.global_step)
-                for action in config.get("eval_actions", []) if len(self.record["evaluated_at"]) == 1 else []:
+                planned = config.get("eval_actions", [])
+                if isinstance(planned, dict):
+                    todo = planned.get(str(state.global_step), [])
+                else:
+                    todo = planned if len(self.record["evaluated_at"]) == 1 else []
+                for action in todo:
                     act(run_dir, action)
             time.sleep(config.get("eval_batch_time", 0.0))
 
@@ -109,11 +114,17 @@ def train_fn(config: dict) -> None:
         save_steps=config.get("save_steps", 10),
         logging_steps=5,
         report_to="none",
-        use_cpu=True,
+        use_cpu=not config.get("gpu"),
         seed=0,
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
         save_only_model=config.get("save_only_model", False),
+        # The GPU test's sharded layouts (HF runs neither on CPU workers): FSDP2 with the sharded state dict,
+        # or a DeepSpeed config.
+        **({"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+           if config.get("fsdp") else {}),
+        **({"deepspeed": config["deepspeed"]} if config.get("deepspeed") else {}),
     )
     actions = make_actions_callback(config, run_dir, rank)
     callbacks = [rdc.DynamicCheckpointCallback(config["dynamic_checkpoint"]), actions]

@@ -145,7 +145,7 @@ def train_fn(config: dict) -> None:
     import os
 
     import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from ray_dyncheck.lightning import DynamicCheckpointCallback, RayModelParallelStrategy, resume_path
 
@@ -155,14 +155,15 @@ def train_fn(config: dict) -> None:
     torch.manual_seed(0)
     loader = Batches(config.get("batches", 40), rank, world)
     sharded = config.get("model") == "fsdp"
+    fsdp1 = config.get("model") == "fsdp1"  # Lightning's FSDPStrategy: GPUs only (the GPU test)
     model = (Sharded if sharded else Tiny)(loader=loader)
     model.fail_save = config.get("fail_save")
     actions = make_actions_callback(config, run_dir, rank)
     callback = DynamicCheckpointCallback(config["dynamic_checkpoint"])
     val = config.get("val_every")
     trainer = pl.Trainer(
-        max_steps=config["steps"], accelerator="cpu", devices="auto",
-        strategy=RayModelParallelStrategy() if sharded else RayDDPStrategy(),
+        max_steps=config["steps"], accelerator="gpu" if config.get("gpu") else "cpu", devices="auto",
+        strategy=RayModelParallelStrategy() if sharded else RayFSDPStrategy() if fsdp1 else RayDDPStrategy(),
         plugins=[RayLightningEnvironment()], callbacks=[callback, actions], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, num_sanity_val_steps=0,

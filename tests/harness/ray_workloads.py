@@ -153,7 +153,12 @@ def accelerate_train_fn(config: dict) -> None:
     run_dir = ctx.get_storage().experiment_fs_path
     out = config["out"]
     os.makedirs(out, exist_ok=True)
-    accelerator = Accelerator(cpu=True)
+    if config.get("fsdp2"):  # the GPU test: Accelerate's FSDP2 plugin (ignored on CPU workers)
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        accelerator = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    else:
+        accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -166,7 +171,7 @@ def accelerate_train_fn(config: dict) -> None:
             if rank == 0:
                 for action in config.get("actions", {}).get(str(dc.global_step), []):
                     act(run_dir, action, out)
-            x, y = batch_for(dc.global_step, rank)
+            x, y = (t.to(accelerator.device) for t in batch_for(dc.global_step, rank))
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             accelerator.backward(loss)
@@ -180,6 +185,6 @@ def accelerate_train_fn(config: dict) -> None:
               "distributed_type": str(accelerator.distributed_type), "lr": sched.get_last_lr()[0]}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    state = accelerator.get_state_dict(model)  # every rank: gathers a sharded model's full weights
     if rank == 0:
-        state = accelerator.unwrap_model(model).state_dict()
-        torch.save({k: v.detach().clone() for k, v in state.items()}, os.path.join(out, "final.pt"))
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, os.path.join(out, "final.pt"))

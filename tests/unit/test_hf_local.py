@@ -187,9 +187,32 @@ def test_weights_only_is_full_under_hfs_sharded_layouts():
                                fsdp_plugin=SimpleNamespace(state_dict_type=kind))
 
     assert sharded_layout(fsdp(StateDictType.SHARDED_STATE_DICT)) == "fsdp"
-    assert sharded_layout(fsdp(StateDictType.FULL_STATE_DICT)) is None  # HF's save_only_model gathers the weights
+    # HF's resume under FSDP loads pytorch_model_fsdp.bin, which save_only_model leaves out
+    assert sharded_layout(fsdp(StateDictType.FULL_STATE_DICT)) == "fsdp"
     assert sharded_layout(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, fsdp_plugin=None,
                                           deepspeed_plugin=object())) == "deepspeed"
     assert sharded_layout(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None,
                                           deepspeed_plugin=None)) is None
     assert sharded_layout() is None  # this process: CPU (or no Accelerator yet, and none is made by asking)
+
+
+def test_a_stop_during_an_evaluation_that_hf_overrules_still_saves_before_it_stops(tmp_path):
+    """save_strategy="best": the interrupt's request (weights, stop) arrives during the evaluation after step 4,
+    which is not a new best, so HF turns the save it was asked for off after that evaluation. Training does
+    not stop without it: the next step's end asks again, HF saves at step 5, then training stops."""
+    from transformers import Trainer
+
+    run_dir, backend = local_run(tmp_path)
+    args = hf_args(tmp_path, max_steps=8, save_strategy="best", eval_strategy="steps", eval_steps=2,
+                   metric_for_best_model="loss", greater_is_better=True)
+    callback = rdc.DynamicCheckpointCallback({"check_interval": 10, "poll_interval_s": 0.05}, backend=backend)
+    recorder = make_actions_callback({"actions": {"3": ["committed:1"]}, "eval_actions": {
+        "4": ['request_until_claimed:{"id": "i", "kind": "weights", "stop": true}']}}, str(run_dir), rank=0)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Sequences(), eval_dataset=Sequences(8),
+            callbacks=[callback, recorder]).train()
+    assert recorder.record["final_step"] == 5
+    assert [(s["step"], s["kind"], s["reason"]) for s in callback.saves] == [
+        (2, "full", "schedule"), (5, "full", "request")]  # full: under "best" HF may save its own at once
+    receipt = json.loads((run_dir / ".dyncheck" / "receipts" / "i.json").read_text())
+    assert (receipt["status"], receipt["step"]) == ("ok", 5)
+    assert args.save_only_model is False
