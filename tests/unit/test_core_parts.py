@@ -86,6 +86,27 @@ def test_auto_checks_the_next_step_then_as_agreed_and_disabled_never():
     assert all(off.tick(s) for s in range(1, 1000))
 
 
+def test_a_check_now_at_the_step_just_counted_counts_no_training_and_announces_nothing(caplog):
+    """The check at the end of a validation or evaluation (``now``) at the step whose end was already counted:
+    due whatever the interval, silent about a waiting request (it is served now), and the evaluation's time
+    is not a training step's for ``auto``."""
+    waiting = [True]
+    cadence = Cadence(DynamicCheckpointConfig(check_interval=100), timed=True, waiting=lambda: waiting[0])
+    assert not cadence.tick(3)
+    with caplog.at_level("WARNING"):
+        assert cadence.enter(3)[0] is False  # the step's own end: not due, the request announced
+        cadence.end_step()
+        time.sleep(0.05)  # an evaluation
+        assert cadence.enter(3, now=True)[0] is True
+    assert caplog.text.count("a request is waiting") == 1
+    auto = Cadence(DynamicCheckpointConfig(check_interval="auto"), timed=True)
+    auto.enter(1)
+    auto.end_step()
+    time.sleep(0.05)  # an evaluation after step 1
+    auto.enter(1, now=True)
+    assert auto._steps_since_check == 1 and auto._train_s < 0.05
+
+
 # -- the decision ----------------------------------------------------------------------------------
 
 
