@@ -49,3 +49,22 @@ def test_the_callback_works_under_the_pytorch_lightning_package_name(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_the_package_imports_without_any_framework_and_the_adapter_names_its_extra():
+    code = textwrap.dedent("""
+        import sys
+        for name in ("lightning", "pytorch_lightning", "lightning_fabric", "transformers", "accelerate", "deepspeed"):
+            sys.modules[name] = None  # as if not installed
+        import ray_dyncheck as rdc
+        from ray_dyncheck import *
+        assert rdc.DynamicCheckpoint and rdc.fit and rdc.export_checkpoint
+        try:
+            import ray_dyncheck.lightning
+        except ImportError as e:
+            print(e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ray_dyncheck.lightning needs PyTorch Lightning: pip install "
+                                  "'ray_dyncheck[lightning]'")
