@@ -22,10 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._backends.base import Backend
+from .._state.fetch import release_downloads
 from ..errors import CheckpointRestoreError
 from ..vocab import Kind, Reason
 
-__all__ = ["Agreement", "Decision", "chosen_by_rank0", "fail_together"]
+__all__ = ["Agreement", "Decision", "chosen_by_rank0", "fail_together", "resume_agreed"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +171,19 @@ def fail_together(agreement: Agreement, error: str | None, path: str) -> None:
         raise CheckpointRestoreError(f"resuming from {path} failed on {len(errors)} rank(s): "
                                      f"{'; '.join(str(e) for e in errors)}. No rank resumed; fix the cause, "
                                      "or move that checkpoint aside to resume from an older one")
+
+
+def resume_agreed(resume: Callable[[Backend, Agreement], Any], backend: Backend | None, timeout_s: float) -> Any:
+    """A framework's resume path, on every rank: ``resume(backend, agreement)`` over a gloo group made for this
+    call and destroyed after it (the backend defaults to this Ray Train worker's run), after removing a download
+    an earlier resume in this thread left (its training raised before reading it)."""
+    if backend is None:
+        from .._backends.ray import RayBackend
+
+        backend = RayBackend()
+    release_downloads()
+    agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
+    try:
+        return resume(backend, agreement)
+    finally:
+        agreement.close()

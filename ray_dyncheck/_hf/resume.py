@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import torch
 
 from .._backends.base import Backend
-from .._core.agree import Agreement, chosen_by_rank0, fail_together
+from .._core.agree import Agreement, chosen_by_rank0, fail_together, resume_agreed
 from .._requests.files import read_capped
 from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
 from .._state.dcp_safe import check_dcp_folder
@@ -103,16 +103,7 @@ def hf_resume_path(download_dir: str | None = None, *, backend: Backend | None =
         CheckpointRestoreError: on every rank, with the same message, when any rank could not list,
             download or check the checkpoint (no rank trains on from it).
     """
-    if backend is None:
-        from .._backends.ray import RayBackend
-
-        backend = RayBackend()
-    release_downloads()  # an earlier one this thread never trained from (its train() raised first)
-    agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
-    try:
-        return _resume_path(backend, agreement, download_dir)
-    finally:
-        agreement.close()
+    return resume_agreed(lambda b, a: _resume_path(b, a, download_dir), backend, timeout_s)
 
 
 def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | None) -> str | None:

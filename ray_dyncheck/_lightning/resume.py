@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 from .._backends.base import Backend
-from .._core.agree import Agreement, chosen_by_rank0, fail_together
+from .._core.agree import Agreement, chosen_by_rank0, fail_together, resume_agreed
 from .._state import MANIFEST_FILE, read_manifest, read_stored_manifest
 from .._state.dcp_safe import check_dcp_folder
 from .._state.fetch import download, keep_download, newest, release_downloads
@@ -62,16 +62,7 @@ def lightning_resume_path(download_dir: str | None = None, *, backend: Backend |
                           timeout_s: float = 1800.0) -> str | None:
     """The run's newest complete checkpoint for ``trainer.fit(model, ckpt_path=...)``; ``None`` when the run
     has none (a fresh start). See :func:`ray_dyncheck.lightning.resume_path`."""
-    if backend is None:
-        from .._backends.ray import RayBackend
-
-        backend = RayBackend()
-    release_downloads()  # an earlier one this thread never trained from (its fit() raised first)
-    agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
-    try:
-        return _resume_path(backend, agreement, download_dir)
-    finally:
-        agreement.close()
+    return resume_agreed(lambda b, a: _resume_path(b, a, download_dir), backend, timeout_s)
 
 
 def _resume_path(backend: Backend, agreement: Agreement, download_dir: str | None) -> str | None:
