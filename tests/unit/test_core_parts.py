@@ -100,11 +100,14 @@ def test_a_check_now_at_the_step_just_counted_counts_no_training_and_announces_n
         assert cadence.enter(3, now=True)[0] is True
     assert caplog.text.count("a request is waiting") == 1
     auto = Cadence(DynamicCheckpointConfig(check_interval="auto"), timed=True)
-    auto.enter(1)
-    auto.end_step()
-    time.sleep(0.05)  # an evaluation after step 1
-    auto.enter(1, now=True)
-    assert auto._steps_since_check == 1 and auto._train_s < 0.05
+    for step in (1, 2):
+        auto.enter(step)
+        auto.end_step()
+    time.sleep(0.2)  # an evaluation after step 2
+    auto.enter(2, now=True)
+    auto.observe()
+    assert auto.auto is not None and auto.auto.step_s is not None
+    assert auto.auto.step_s < 0.02, "the evaluation is no training step (else about 0.2 s / 3 steps)"
 
 
 # -- the decision ----------------------------------------------------------------------------------
