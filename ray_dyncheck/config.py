@@ -32,6 +32,7 @@ TRIGGER_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 """URI schemes pyarrow makes filesystems for."""
 
 CheckInterval = Union[int, Literal["auto"]]
+MemorySnapshots = Union[int, Literal["off", "auto"]]
 
 
 def _is_int(value: Any) -> bool:
@@ -105,6 +106,12 @@ class DynamicCheckpointConfig:
     """A request whose save was started this many times, each time killing the workers (e.g. out of
     memory), gets an ``error`` receipt instead of another try after the next restart."""
 
+    memory_snapshots: MemorySnapshots = "off"
+    """Keep the training state in host memory, with one replica on another node, every N steps, so a
+    crash (a killed worker, a lost node) resumes from there instead of the newest stored checkpoint.
+    ``auto`` picks N so a snapshot costs at most 1 % of training time; ``off``: storage only. Needs
+    ``rdc.fit(trainer)`` (its driver owns the memory holders); covers the plain hook's unsharded state."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise _error("enabled", self.enabled, "set it to true or false")
@@ -137,6 +144,10 @@ class DynamicCheckpointConfig:
             raise _error("on_preemption", self.on_preemption, "set it to 'auto', 'full', 'weights' or 'none'")
         if self.save_mode not in ("async", "sync"):
             raise _error("save_mode", self.save_mode, "set it to 'async' or 'sync'")
+        ms = self.memory_snapshots
+        if ms not in ("off", "auto") and not (_is_int(ms) and int(ms) >= 1):
+            raise _error("memory_snapshots", ms, "set it to 'off', 'auto' or an integer >= 1 (steps between "
+                         "snapshots)")
         if not (_is_int(self.max_save_attempts) and self.max_save_attempts >= 1):
             raise _error("max_save_attempts", self.max_save_attempts, "set it to an integer >= 1, e.g. 2")
         sigs = self.signals
@@ -179,6 +190,11 @@ class DynamicCheckpointConfig:
         if not parts.path.strip("/") or parts.path.endswith("/"):
             raise _error("trigger_file_path", uri, f"name a file, e.g. {scheme}://{parts.netloc or '<bucket>'}"
                          f"{parts.path.rstrip('/')}/dyncheck.save")
+
+    @property
+    def snapshots_on(self) -> bool:
+        """Whether memory snapshots are taken."""
+        return self.memory_snapshots != "off"
 
     @property
     def auto_interval(self) -> bool:

@@ -90,11 +90,18 @@ def fit(
     ended = threading.Event()
 
     def run() -> None:
+        holders: list[Any] = []
         try:
+            if cfg.snapshots_on:
+                holders = _start_holders()
             box["result"] = trainer.fit()
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
         finally:
+            if holders:
+                from ._backends.holders import stop_holders
+
+                stop_holders(holders)  # the run is over: what they held goes (they would die with us anyway)
             ended.set()
 
     recorder = Signals()
@@ -158,6 +165,23 @@ def fit(
     finally:
         for n, h in previous.items():
             signal.signal(n, h if h is not None else signal.SIG_DFL)
+
+
+def _start_holders() -> list[Any]:
+    """The fit thread: one memory holder per node, owned by this driver (see ``_backends/holders.py``). A
+    failure leaves the run on storage-only recovery, said in one line."""
+    import ray
+
+    from ._backends.holders import start_holders
+
+    if not ray.is_initialized():
+        ray.init()  # what trainer.fit() would do on its first Ray call
+    try:
+        return start_holders()
+    except Exception as exc:
+        logger.error("dyncheck: could not start the memory holders (%s: %s): memory snapshots are off for this "
+                     "run; a crash resumes from storage", type(exc).__name__, exc)
+        return []
 
 
 def _force_exit(signum: int, second: tuple[int, float] | None, grace: float, rid: str, run_dir: RunDir,

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ from ._backends.local import LocalBackend
 from ._core import WorkerCore
 from ._core.agree import Agreement, Decision, chosen_by_rank0, fail_together
 from ._pipeline import SavePipeline
+from ._snapshots import MemorySnapshots
 from ._state import (
     CheckpointInfo,
     Stateful,
@@ -30,6 +34,7 @@ from ._state import (
     unwrap_model,
 )
 from ._state.fetch import STOP, newest
+from ._state.memory import Held, materialize
 from ._state.sharded import DCP_ERRORS, check_supported
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind, Reason
@@ -96,6 +101,7 @@ class DynamicCheckpoint:
         self._step = 0
         self.should_stop = False
         self._save_steps = self.config.save_steps
+        self._snapshots: MemorySnapshots | None = None
         self._core = WorkerCore(self.config, backend)  # collective: every rank constructs it here
         try:
             self._pipeline = SavePipeline(self._core, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -103,6 +109,34 @@ class DynamicCheckpoint:
         except BaseException:
             self._core.close(clean=False)  # its poller and side group
             raise
+        if self.config.snapshots_on:
+            try:
+                self._snapshots = self._memory_snapshots()  # collective: every rank agrees whether they run
+            except BaseException:
+                self.close(clean=False)
+                raise
+
+    def _memory_snapshots(self) -> MemorySnapshots:
+        store = None
+        try:
+            store = self.backend.memory()
+        except Exception:
+            logger.exception("dyncheck: rank %d could not find the memory holders", self.rank)
+        storage = self.backend.storage()
+        return MemorySnapshots(self.config.memory_snapshots, self._core.agreement, store, model=self.model,
+                               optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
+                               run=storage[1] if storage is not None else "", metrics=self._core.metrics)
+
+    @property
+    def memory_snapshot_step(self) -> int | None:
+        """Rank 0: the step of the newest complete memory snapshot this worker made (``None``: none, or
+        ``memory_snapshots`` is off or has no holders)."""
+        return self._snapshots.newest_step if self._snapshots is not None else None
+
+    @property
+    def memory_snapshot_interval(self) -> int | None:
+        """Steps between memory snapshots now (``auto``: what rank 0 chose last); ``None`` when none are taken."""
+        return self._snapshots.interval if self._snapshots is not None and self._snapshots.active else None
 
     @property
     def saves(self) -> list[dict[str, Any]]:
@@ -120,6 +154,8 @@ class DynamicCheckpoint:
     def global_step(self, step: int) -> None:
         self._step = int(step)
         self._core.start_at(self._step)
+        if self._snapshots is not None:
+            self._snapshots.start_at(self._step)
 
     @property
     def check_interval(self) -> int:
@@ -172,6 +208,8 @@ class DynamicCheckpoint:
         finally:
             try:
                 self._pipeline.close(clean=clean)
+                if self._snapshots is not None:
+                    self._snapshots.close()
             finally:
                 self.backend.close(timeout=0.0)  # its stores were waited for above (LocalBackend's thread ends)
 
@@ -198,6 +236,11 @@ class DynamicCheckpoint:
 
     def _restore(self, agreement: Agreement) -> CheckpointInfo | None:
         choice = chosen_by_rank0(agreement, self._choose)
+        if choice is not None and "memory" in choice:
+            info = self._restore_memory(agreement, choice["memory"])
+            if info is not None:
+                return self._resumed(info, "memory")
+            choice = choice["storage"]  # the same on every rank: the memory path failed on some rank
         if choice is None:
             return None
         path = choice["path"]
@@ -223,15 +266,70 @@ class DynamicCheckpoint:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             fail_together(agreement, error, path)
         assert info is not None  # loaded here, or raised above
+        return self._resumed(info, "storage")
+
+    def _resumed(self, info: CheckpointInfo, source: str) -> CheckpointInfo:
         self.global_step = info.step  # the next check follows it
         if self.rank == 0:
-            logger.info("dyncheck: resumed from %s checkpoint at step %d (%s)", info.kind, info.step, choice["path"])
+            self._core.metrics.restored(source)
+            logger.info("dyncheck: resumed from %s checkpoint at step %d (%s)", info.kind, info.step, info.path)
             if info.kind == "weights" and self.optimizer is not None:
                 logger.warning("dyncheck: optimizer state starts fresh: the interrupt saved weights "
                                "only; use on_interrupt: full for an exact resume")
         return info
 
+    def _restore_memory(self, agreement: Agreement, chosen: dict[str, Any]) -> CheckpointInfo | None:
+        """Every rank: load the memory snapshot rank 0 chose. ``None`` on every rank when some rank could
+        not fetch it (the caller falls back to storage); a failed load raises on every rank, as from storage."""
+        held = Held(chosen["step"], chosen["meta"], tuple(chosen["holders"]))
+        where = f"the memory snapshot of step {held.step}"
+        directory = tempfile.mkdtemp(prefix="dyncheck-memory-")
+        try:
+            error = None
+            try:
+                assert self._snapshots is not None and self._snapshots.store is not None
+                materialize(self._snapshots.store.get(held), directory, kind=held.meta["kind"], step=held.step,
+                            world_size=self.world_size)
+            except Exception as exc:
+                logger.exception("dyncheck: rank %d could not fetch %s", self.rank, where)
+                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            error = agreement.shared_error(error, f"fetch {where}")
+            if error is not None:
+                if self.rank == 0:
+                    logger.warning("dyncheck: %s is lost (%s): resuming from storage", where, error)
+                return None
+            info = None
+            try:
+                info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
+                                       lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
+                                       rank=self.rank, group=agreement.group)
+            except DCP_ERRORS as exc:
+                logger.exception("dyncheck: rank %d could not load %s", self.rank, where)
+                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            fail_together(agreement, error, where)
+            assert info is not None
+            return replace(info, path=f"memory (step {held.step}, held on {len(held.holders)} node(s))")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
     def _choose(self) -> dict[str, Any] | None:
+        """Rank 0: the newest complete state, in memory or in storage: the memory snapshot when it is
+        newer than the newest committed checkpoint of ours (``{"memory": ..., "storage": fallback}``)."""
+        stored = self._choose_stored()
+        held = None
+        if self._snapshots is not None and self._snapshots.active:
+            try:
+                held = self._snapshots.newest()
+            except Exception:
+                logger.exception("dyncheck: could not ask the memory holders for a snapshot; resuming from storage")
+        if held is not None and (stored is None or held.step > stored["step"]):
+            return {"memory": {"step": held.step, "meta": held.meta, "holders": list(held.holders)}, "storage": stored}
+        if held is not None and stored is not None:
+            logger.info("dyncheck: the stored checkpoint of step %d is newer than the memory snapshot of step %d",
+                        stored["step"], held.step)
+        return stored
+
+    def _choose_stored(self) -> dict[str, Any] | None:
         """Rank 0: the newest complete checkpoint of ours, judged by its manifest in storage."""
         storage = self.backend.storage()
         if storage is None:
@@ -239,8 +337,9 @@ class DynamicCheckpoint:
         fs = storage[0]
 
         def judge(path: str, is_newest: bool) -> Any:
-            if read_stored_manifest(fs, path) is not None:  # raises when torn or unreadable: skipped
-                return {"path": path}
+            manifest = read_stored_manifest(fs, path)  # raises when torn or unreadable: skipped
+            if manifest is not None:
+                return {"path": path, "step": int(manifest["step"])}
             if is_newest:
                 logger.warning("dyncheck: the newest checkpoint (%s) was not written by ray_dyncheck; training "
                                "state left as it is", path)
@@ -261,6 +360,8 @@ class DynamicCheckpoint:
         t_enter = time.perf_counter()
         self._step += 1
         step = self._step
+        if self._snapshots is not None:
+            self._snapshots.step(step)  # at its own agreed steps; every rank
         scheduled = self._save_steps is not None and step % self._save_steps == 0
         if not scheduled and self._core.tick(step, t_enter):
             return None  # most steps: no check due, no schedule

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, ContextManager
 
 import pyarrow.fs as pafs
 
+from .._state.memory import MemoryStore
 from .metrics import Metrics
 
 __all__ = ["Backend", "Notice", "OnDone", "require"]
@@ -86,6 +87,11 @@ class Backend:
     def node_local(self, path: str) -> bool:
         """Whether a local path is on this node's disk only (others cannot see it). Default: no."""
         return False
+
+    def memory(self) -> MemoryStore | None:
+        """Where this run's memory snapshots are held (``memory_snapshots``), or ``None``: no holders
+        serve this run. Called once, at the hook's construction. Default: none."""
+        return None
 
     def close(self, timeout: float | None = None) -> None:
         """Release what the backend holds (threads); it may be used again afterwards. Default: nothing."""

@@ -18,6 +18,7 @@ import torch
 from .._requests.files import RUN_MARKER, read_json, read_json_large, resolve_run_dir, write_json
 from .._state import MANIFEST_FILE
 from .._state.fetch import local_directory
+from .._state.memory import MemoryStore
 from .base import Backend, OnDone
 
 __all__ = ["COMMIT_MARKER", "LocalBackend"]
@@ -50,13 +51,15 @@ class LocalBackend(Backend):
         run_dir: Local path or URI of the run directory (shared by every rank that stores files).
         filesystem: The filesystem ``run_dir`` is on (default: from the path or URI).
         store_timeout_s: How long rank 0 waits for the other ranks' files of a checkpoint.
+        memory: Where memory snapshots are held (``memory_snapshots``); default: none (storage only).
     """
 
     merges_rank_dirs = True
 
     def __init__(self, run_dir: str, *, filesystem: pafs.FileSystem | None = None,
-                 store_timeout_s: float = 300.0) -> None:
+                 store_timeout_s: float = 300.0, memory: MemoryStore | None = None) -> None:
         self.fs, self.run_dir = resolve_run_dir(run_dir, filesystem)
+        self._memory = memory
         self.store_timeout_s = store_timeout_s
         self.rank, self.world_size = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -69,6 +72,9 @@ class LocalBackend(Backend):
         """Guards the store thread's executor and the stores handed to it."""
         self._executor: ThreadPoolExecutor | None = None
         self._stores: set[Future[None]] = set()
+
+    def memory(self) -> MemoryStore | None:
+        return self._memory
 
     def __enter__(self) -> LocalBackend:
         return self

@@ -19,10 +19,17 @@ name                                 type      tags                what
 ``dyncheck_check_interval_steps``    gauge                         the current check interval
 ``dyncheck_steps_since_commit``      gauge                         work at risk: steps since the step
                                                                    of the newest committed checkpoint
+``dyncheck_snapshot_age_steps``      gauge                         at each memory snapshot: steps since
+                                                                   the newest complete one before it
+``dyncheck_snapshot_bytes``          gauge     node                bytes of memory snapshots held, per
+                                                                   node's holder
+``dyncheck_restores``                counter   source              resumes, from ``memory`` or ``storage``
 ==================================== ========= =================== ===================================
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 __all__ = ["Metrics"]
 
@@ -44,3 +51,12 @@ class Metrics:
 
     def check(self, pending: int, interval: int, steps_at_risk: int) -> None:
         """At each check: requests waiting, the check interval, steps since the newest commit."""
+
+    def snapshot_age(self, steps: int) -> None:
+        """At a memory snapshot: steps since the newest complete one (what a crash just now would lose)."""
+
+    def snapshot_held(self, held: Mapping[str, int]) -> None:
+        """A memory snapshot is complete: bytes held per node."""
+
+    def restored(self, source: str) -> None:
+        """A resume, from ``memory`` or ``storage``."""

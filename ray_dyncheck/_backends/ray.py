@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, ContextManager
 
@@ -14,6 +14,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
 
 from .._requests.files import on_network_filesystem
+from .._state.memory import MemoryStore
 from ..errors import CheckpointUploadError
 from .base import Backend, Notice, OnDone
 from .metrics import Metrics
@@ -73,6 +74,13 @@ class RayBackend(Backend):
         except Exception:
             return False
         return nodes > 1 and not on_network_filesystem(path)
+
+    def memory(self) -> MemoryStore | None:
+        """The memory holders ``rdc.fit`` started for this job, or ``None`` (a plain ``trainer.fit()``)."""
+        from .holders import RayMemoryStore
+
+        storage = self.storage()
+        return RayMemoryStore.find(storage[1] if storage is not None else self.context.get_experiment_name())
 
     def storage(self) -> tuple[pafs.FileSystem, str] | None:
         try:
@@ -202,6 +210,12 @@ class RayMetrics(Metrics):
         self._at_risk = Gauge("dyncheck_steps_since_commit",
                               "Steps since the step of the newest committed checkpoint (work at risk).",
                               tag_keys=base)
+        self._snapshot_age = Gauge("dyncheck_snapshot_age_steps",
+                                   "At each memory snapshot: steps since the newest complete one.", tag_keys=base)
+        self._snapshot_bytes = Gauge("dyncheck_snapshot_bytes", "Bytes of memory snapshots held, per node.",
+                                     tag_keys=(*base, "node"))
+        self._restores = Counter("dyncheck_restores", "Resumes, by source (memory or storage).",
+                                 tag_keys=(*base, "source"))
         self._failed_once = False
 
     def _record(self, fn: Any, value: float, **tags: str) -> None:
@@ -229,3 +243,13 @@ class RayMetrics(Metrics):
         self._record(self._pending.set, pending)
         self._record(self._interval.set, interval)
         self._record(self._at_risk.set, steps_at_risk)
+
+    def snapshot_age(self, steps: int) -> None:
+        self._record(self._snapshot_age.set, steps)
+
+    def snapshot_held(self, held: Mapping[str, int]) -> None:
+        for node, size in held.items():
+            self._record(self._snapshot_bytes.set, size, node=node)
+
+    def restored(self, source: str) -> None:
+        self._record(self._restores.inc, 1.0, source=source)

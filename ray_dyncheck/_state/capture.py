@@ -43,6 +43,7 @@ __all__ = [
     "Stateful",
     "capture_rank_state",
     "capture_state",
+    "trainer_state_bytes",
     "unwrap_model",
     "write_checkpoint",
     "write_files",
@@ -154,7 +155,9 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
                     module=module)
 
 
-def _trainer_state(captured: Captured, rank_states: Sequence[Mapping[str, Any]]) -> bytes:
+def trainer_state_bytes(captured: Captured, rank_states: Sequence[Mapping[str, Any]]) -> bytes:
+    """The bytes of ``trainer_state.pt``: step, kind, LR scheduler and every rank's small state (checked to load
+    with ``torch.load(weights_only=True)``)."""
     trainer_state = {
         "format_version": SHARDED_FORMAT_VERSION if captured.sharded else FORMAT_VERSION,
         "step": captured.step,
@@ -198,7 +201,7 @@ def write_files(directory: str, captured: Captured, *, rank: int, rank_states: S
             files.append(OPTIMIZER_FILE)
     if rank == 0:
         with open(os.path.join(directory, TRAINER_FILE), "wb") as f:
-            f.write(_trainer_state(captured, rank_states or []))
+            f.write(trainer_state_bytes(captured, rank_states or []))
         files.append(TRAINER_FILE)
     return {name: os.path.getsize(os.path.join(directory, name)) for name in files}
 

@@ -5,6 +5,7 @@ Spawned with torch.multiprocessing; each rank writes what it saw to ``<out>/rank
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import time
@@ -32,6 +33,8 @@ def run_ranks(fn, world_size: int, *args) -> None:
 
 
 def _init(rank: int, world_size: int, port: int) -> None:
+    # A crash (SIGABRT/SIGSEGV) in a rank prints every thread's Python stack to the test's output.
+    faulthandler.enable(all_threads=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -92,7 +92,8 @@ def test_load_config_accepts_all_shapes(tmp_path):
         ({"check_intervall": 5, "enable": True},
          "unknown dynamic_checkpoint key(s): check_intervall, enable; valid keys are check_interval, "
          "collective_timeout_s, commit_timeout_s, enabled, interrupt_grace_s, max_check_overhead, "
-         "max_save_attempts, on_interrupt, on_preemption, poll_interval_s, save_mode, save_steps, signals, "
+         "max_save_attempts, memory_snapshots, on_interrupt, on_preemption, poll_interval_s, save_mode, "
+         "save_steps, signals, "
          "trigger_file_path"),
         ({"collective_timeout_s": 0}, "dynamic_checkpoint.collective_timeout_s: got 0; set it to a number of "
          "seconds > 0"),
