@@ -90,9 +90,14 @@ class MemorySnapshots:
 
     @property
     def newest_step(self) -> int | None:
-        """Rank 0: the step of the newest complete snapshot this process made (``None``: none yet)."""
+        """Rank 0: the step of the newest complete snapshot this process made or resumed from (``None``: none)."""
         with self._lock:
             return self._newest
+
+    def resumed_from(self, step: int) -> None:
+        """The run resumed from this process's store's snapshot of ``step``: it is the newest complete one."""
+        with self._lock:
+            self._newest = step
 
     def start_at(self, step: int) -> None:
         """Training (re)starts after ``step``: the next snapshot is an interval later (every rank alike)."""

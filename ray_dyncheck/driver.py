@@ -80,7 +80,7 @@ def fit(
     if threading.current_thread() is not threading.main_thread():
         logger.warning("dyncheck: rdc.fit() called outside the main thread: it cannot own signals, so "
                        "Ctrl+C keeps Ray's default (no save). Call it from the main thread.")
-        return trainer.fit()
+        return _fit(trainer, cfg)
 
     run_dir = RunDir(trainer.run_config)
     # Resolved now, on a helper thread (even that may touch storage), while storage is likely healthy:
@@ -90,18 +90,11 @@ def fit(
     ended = threading.Event()
 
     def run() -> None:
-        holders: list[Any] = []
         try:
-            if cfg.snapshots_on:
-                holders = _start_holders()
-            box["result"] = trainer.fit()
+            box["result"] = _fit(trainer, cfg)
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
         finally:
-            if holders:
-                from ._backends.holders import stop_holders
-
-                stop_holders(holders)  # the run is over: what they held goes (they would die with us anyway)
             ended.set()
 
     recorder = Signals()
@@ -165,6 +158,18 @@ def fit(
     finally:
         for n, h in previous.items():
             signal.signal(n, h if h is not None else signal.SIG_DFL)
+
+
+def _fit(trainer: Any, cfg: DynamicCheckpointConfig) -> Any:
+    """``trainer.fit()``, with this driver's memory holders around it when ``memory_snapshots`` is on."""
+    holders = _start_holders() if cfg.snapshots_on else []
+    try:
+        return trainer.fit()
+    finally:
+        if holders:
+            from ._backends.holders import stop_holders
+
+            stop_holders(holders)  # the run is over: what they held goes (they would die with us anyway)
 
 
 def _start_holders() -> list[Any]:

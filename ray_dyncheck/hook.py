@@ -129,8 +129,8 @@ class DynamicCheckpoint:
 
     @property
     def memory_snapshot_step(self) -> int | None:
-        """Rank 0: the step of the newest complete memory snapshot this worker made (``None``: none, or
-        ``memory_snapshots`` is off or has no holders)."""
+        """Rank 0: the step of the newest complete memory snapshot this worker made or resumed from (``None``:
+        none, or ``memory_snapshots`` is off or has no holders)."""
         return self._snapshots.newest_step if self._snapshots is not None else None
 
     @property
@@ -281,14 +281,16 @@ class DynamicCheckpoint:
     def _restore_memory(self, agreement: Agreement, chosen: dict[str, Any]) -> CheckpointInfo | None:
         """Every rank: load the memory snapshot rank 0 chose. ``None`` on every rank when some rank could
         not fetch it (the caller falls back to storage); a failed load raises on every rank, as from storage."""
+        snapshots = self._snapshots
         held = Held(chosen["step"], chosen["meta"], tuple(chosen["holders"]))
         where = f"the memory snapshot of step {held.step}"
         directory = tempfile.mkdtemp(prefix="dyncheck-memory-")
         try:
             error = None
             try:
-                assert self._snapshots is not None and self._snapshots.store is not None
-                materialize(self._snapshots.store.get(held), directory, kind=held.meta["kind"], step=held.step,
+                if snapshots is None or snapshots.store is None:  # rank 0 found holders, this rank none
+                    raise RuntimeError("this rank found no memory holders")
+                materialize(snapshots.store.get(held), directory, kind=held.meta["kind"], step=held.step,
                             world_size=self.world_size)
             except Exception as exc:
                 logger.exception("dyncheck: rank %d could not fetch %s", self.rank, where)
@@ -308,6 +310,8 @@ class DynamicCheckpoint:
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             fail_together(agreement, error, where)
             assert info is not None
+            if snapshots is not None:
+                snapshots.resumed_from(held.step)
             return replace(info, path=f"memory (step {held.step}, held on {len(held.holders)} node(s))")
         finally:
             shutil.rmtree(directory, ignore_errors=True)

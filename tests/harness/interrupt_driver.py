@@ -17,8 +17,9 @@ this folder):
 
 The other keys of ``extra``: ``plan`` (PATH: the run is stored on ``faultfs.fault_fs(PATH)``),
 ``placement`` (``"STRICT_SPREAD"`` puts the workers on different nodes, with ``RAY_ADDRESS`` set),
-``step_time`` (seconds a step sleeps, default 0.02), ``num_cpus`` (the local Ray's, default 4) and
-``plain`` (run ``trainer.fit()``, Ray's own SIGINT handling, instead of ``rdc.fit(trainer)``).
+``step_time`` (seconds a step sleeps, default 0.02), ``num_cpus`` (the local Ray's, default 4),
+``max_failures`` (``FailureConfig``'s, default 0) and ``plain`` (run ``trainer.fit()``, Ray's own SIGINT
+handling, instead of ``rdc.fit(trainer)``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ray  # noqa: E402
 import ray_by_value  # noqa: E402
-from ray.train import RunConfig, ScalingConfig  # noqa: E402
+from ray.train import FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 import faultfs  # noqa: E402
@@ -70,7 +71,8 @@ def main() -> int:
         train_fn,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=2, placement_strategy=extra.get("placement", "PACK")),
-        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=fs),
+        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=extra.get("max_failures", 0))),
     )
     print(f"driver {os.getpid()}: {'trainer.fit()' if extra.get('plain') else 'rdc.fit(trainer)'}", flush=True)
     result = trainer.fit() if extra.get("plain") else rdc.fit(trainer)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import torch
 import torch.nn as nn
-from actions import act
+from actions import act, wait_until
 
 import ray_dyncheck as rdc
 
@@ -52,6 +53,8 @@ def train_fn(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
     checks, logged = [], 0
+    if rank == 0 and "snapshot_fault" in config:
+        die_while_snapshotting(config["snapshot_fault"], out)
     with rdc.DynamicCheckpoint(config["dynamic_checkpoint"], model=model, optimizer=opt,
                                lr_scheduler=sched) as dc:
         info = dc.restore()
@@ -63,7 +66,11 @@ def train_fn(config: dict) -> None:
         while dc.global_step < config["steps"]:
             if rank == 0:
                 for action in config.get("actions", {}).get(str(dc.global_step), []):
-                    act(run_dir, action, out)
+                    if action.startswith("wait_snapshot:"):  # until the hook's memory snapshot of that step is held
+                        wanted = int(action.split(":", 1)[1])
+                        wait_until(lambda n=wanted: (dc.memory_snapshot_step or 0) >= n, f"the step-{wanted} snapshot")
+                    else:
+                        act(run_dir, action, out)
             x, y = batch_for(dc.global_step, rank)
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
@@ -95,6 +102,29 @@ def train_fn(config: dict) -> None:
     if rank == 0:
         torch.save(full, os.path.join(out, "final.pt"))
 
+
+
+def die_while_snapshotting(step: int, out: str) -> None:
+    """Once per run (a marker in ``out``): SIGKILL this process while its memory snapshot of ``step`` is half
+    made: held by its first holder, not yet by the second, never marked complete."""
+    from ray_dyncheck._backends.holders import RayMemoryStore
+
+    marker = os.path.join(out, "once-snapshot-fault")
+    if os.path.exists(marker):
+        return
+    real_put = RayMemoryStore.put
+
+    def put(self, at, meta, files):
+        if at != step:
+            return real_put(self, at, meta, files)
+        open(marker, "w").close()
+        import ray
+
+        node = self._targets()[0]
+        ray.get(self.holders[node].put.remote(self.key, at, dict(meta), dict(files)))  # one copy, not committed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    RayMemoryStore.put = put
 
 
 def progress_train_fn(config: dict) -> None:
