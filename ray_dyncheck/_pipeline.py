@@ -39,6 +39,7 @@ from ._state import (
     write_files,
     write_manifest,
 )
+from ._state.memory import write_snapshot
 from ._state.sharded import DCP_ERRORS, is_sharded
 from ._state.snapshot import HostCopier, Keep, KeptBuffers, on_cuda
 
@@ -60,6 +61,8 @@ class _Write:
     states: list[Any] | None
     copier: HostCopier
     """Holds this save's host buffers (the kept ones, or fresh): released when its write ends."""
+    snapshot: Future[dict[str, bytes]] | None = None
+    """Rank 0, when the memory snapshot of this step is the save's content: its files (set once serialised)."""
     future: Future[dict[str, int]] = field(default_factory=Future)
     started: float | None = None
     """When the writer thread began it (``time.monotonic()``); guarded by the pipeline's ``_lock``."""
@@ -98,8 +101,12 @@ class SavePipeline:
         self.last_blocked_s = 0.0
         """Seconds the newest save blocked training on this rank."""
 
-    def save(self, plan: Plan, metrics: Mapping[str, Any] | None) -> None:
-        """Every rank, at the same step: write this rank's state for ``plan.kind`` and report it."""
+    def save(self, plan: Plan, metrics: Mapping[str, Any] | None,
+             snapshot: Future[dict[str, bytes]] | None = None) -> None:
+        """Every rank, at the same step: write this rank's state for ``plan.kind`` and report it.
+
+        ``snapshot`` (rank 0, a full plan, the plain layout): the memory snapshot taken at this step; its
+        files are written instead of copying the state a second time."""
         t0 = time.perf_counter()
         assert plan.kind is not None, "save() of a plan that saves nothing"
         step, kind = plan.step, plan.kind.value  # a plain str in what is saved
@@ -126,8 +133,13 @@ class SavePipeline:
                 try:
                     directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
                     copier = self.buffers.lease()
-                    captured = capture_state(self.model, self.optimizer, self.lr_scheduler, kind=kind, step=step,
-                                             copier=copier, sharded=self.sharded)
+                    if snapshot is not None and not self.sharded and kind == "full":
+                        captured = Captured(kind=kind, step=step, sharded=False, tensors={}, lr_scheduler=None,
+                                            module=unwrap_model(self.model))
+                    else:
+                        snapshot = None
+                        captured = capture_state(self.model, self.optimizer, self.lr_scheduler, kind=kind,
+                                                 step=step, copier=copier, sharded=self.sharded)
                 except Exception as exc:
                     logger.exception("dyncheck: rank %d could not copy its %s state at step %d", self.rank, kind,
                                      step)
@@ -135,7 +147,7 @@ class SavePipeline:
             # Every rank: nobody starts a write (a collective when sharded) that another rank will not join.
             error = agreement.shared_error(error, "capture its state")
             if error is None and captured is not None and directory is not None and copier is not None:
-                job = _Write(step, directory, captured, states, copier)
+                job = _Write(step, directory, captured, states, copier, snapshot=snapshot)
                 written = self._submit(job)
         finally:
             if written is None:  # never handed to the writer: its buffers are free for the next save
@@ -219,7 +231,10 @@ class SavePipeline:
         error: str | None = None
         files: dict[str, int] = {}
         try:
-            files = self._write_files(directory, captured, rank=self.rank, rank_states=states, group=group)
+            if job.snapshot is not None:  # the snapshot's bytes, the very files a write would make
+                files = write_snapshot(job.snapshot.result(timeout=self.core.config.commit_timeout_s), directory)
+            else:
+                files = self._write_files(directory, captured, rank=self.rank, rank_states=states, group=group)
         except DCP_ERRORS as exc:
             logger.exception("dyncheck: rank %d could not write its files of the step-%d checkpoint", self.rank,
                              captured.step)

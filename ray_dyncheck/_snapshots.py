@@ -15,6 +15,7 @@ import pickle
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -105,13 +106,13 @@ class MemorySnapshots:
         self._start = step
         self._t_last = None
 
-    def due(self, step: int) -> bool:
-        return self.active and step >= self._next
-
-    def step(self, step: int) -> bool:
-        """Every rank, after each optimizer step: at a due step, take a snapshot. Returns whether one was due."""
-        if not self.due(step):
-            return False
+    def step(self, step: int, *, force: bool = False) -> Future[dict[str, bytes]] | None:
+        """Every rank, after each optimizer step: at a due step (or with ``force``, which every rank passes
+        alike: a full save at this step), take a snapshot. Rank 0 gets the future of its files (set once
+        serialised, before they go to the holders: a save of this step writes them); ``None`` elsewhere,
+        and when none was taken."""
+        if not (self.active and (force or step >= self._next)):
+            return None
         t0 = time.perf_counter()
         try:
             mine: dict[str, Any] = capture_rank_state(self.extra_state)
@@ -121,29 +122,30 @@ class MemorySnapshots:
             mine = {"error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
         states = self.agreement.gather(mine)  # every rank, even after an error
         interval = self.interval
+        files: Future[dict[str, bytes]] | None = None
         if self.rank == 0:
             assert states is not None
             newest = self.newest_step
             self.metrics.snapshot_age(step - (newest if newest is not None else self._start))
-            self._hand_over(step, states)
+            files = self._hand_over(step, states)
             interval = self._next_interval(step, time.perf_counter() - t0)
         if self.auto:
             interval = int(self.agreement.broadcast(interval))  # type: ignore[call-overload]
         self.interval = interval
         self._next = step + interval
-        return True
+        return files
 
-    def _hand_over(self, step: int, states: list[Any]) -> None:
+    def _hand_over(self, step: int, states: list[Any]) -> Future[dict[str, bytes]] | None:
         errors = [s["error"] for s in states if isinstance(s, dict) and "error" in s]
         if errors:
             logger.error("dyncheck: no memory snapshot at step %d: %s", step, "; ".join(errors))
-            return
+            return None
         with self._lock:
             if self._busy:
                 self.skipped += 1
                 logger.info("dyncheck: memory snapshot at step %d skipped: the previous one is still being "
                             "handed to the holders", step)
-                return
+                return None
             self._busy = True
         copier = self._buffers.lease()
         try:
@@ -154,12 +156,18 @@ class MemorySnapshots:
             with self._lock:
                 self._busy = False
             logger.exception("dyncheck: rank 0 could not copy its state for the step-%d snapshot", step)
-            return
+            return None
+        serialised: Future[dict[str, bytes]] = Future()
 
         def ship() -> None:
             t = time.perf_counter()
             try:
-                files = snapshot_files(captured, states)
+                try:
+                    files = snapshot_files(captured, states)
+                except BaseException as exc:
+                    serialised.set_exception(exc)
+                    raise
+                serialised.set_result(files)  # bytes: immutable, safe to share with the save's writer
                 captured.tensors.clear()
                 copier.release()
                 meta = {"world_size": self.world_size, "kind": "full", "run": self.run,
@@ -184,6 +192,7 @@ class MemorySnapshots:
             self.metrics.snapshot_held(held)
 
         threading.Thread(target=ship, name="dyncheck-snapshot", daemon=True).start()
+        return serialised
 
     def _next_interval(self, step: int, blocked_s: float) -> int:
         """Rank 0: the interval to the next snapshot (``auto``: within :data:`AUTO_BUDGET` of training time)."""

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from ._backends.base import Backend, require
 from ._backends.local import LocalBackend
-from ._core import WorkerCore
+from ._core import Plan, WorkerCore
 from ._core.agree import Agreement, Decision, chosen_by_rank0, fail_together
 from ._pipeline import SavePipeline
 from ._snapshots import MemorySnapshots
@@ -364,22 +365,31 @@ class DynamicCheckpoint:
         t_enter = time.perf_counter()
         self._step += 1
         step = self._step
-        if self._snapshots is not None:
-            self._snapshots.step(step)  # at its own agreed steps; every rank
         scheduled = self._save_steps is not None and step % self._save_steps == 0
         if not scheduled and self._core.tick(step, t_enter):
+            if self._snapshots is not None:
+                self._snapshots.step(step)  # at its own agreed steps; every rank
             return None  # most steps: no check due, no schedule
         plan = self._core.check(step, schedule=scheduled)
+        snapshot = self._snapshot(step, plan)
         if plan is not None and plan.save:
-            self._pipeline.save(plan, metrics)
+            self._pipeline.save(plan, metrics, snapshot)
         if plan is not None and plan.stop:
             self.should_stop = True
         self._core.end_step()
         return None if plan is None else plan.decision
+
+    def _snapshot(self, step: int, plan: Plan | None) -> Future[dict[str, bytes]] | None:
+        """Every rank: the memory snapshot due at ``step``; a full save at this step takes one too (every rank
+        knows the agreed plan alike) and writes its files instead of copying the state again (rank 0)."""
+        if self._snapshots is None:
+            return None
+        return self._snapshots.step(step, force=plan is not None and plan.save and plan.kind == Kind.FULL)
 
     def save(self, kind: str = "full", metrics: Mapping[str, Any] | None = None) -> None:
         """Save and report a checkpoint now. Every rank must call it at the same step."""
         if kind not in (Kind.FULL, Kind.WEIGHTS):
             raise ValueError(f"kind must be 'full' or 'weights', got {kind!r}")
         self._core.wait_stored()  # every rank is here, so each may wait for its last save
-        self._pipeline.save(self._core.plan(self._step, kind, Reason.MANUAL), metrics)
+        plan = self._core.plan(self._step, kind, Reason.MANUAL)
+        self._pipeline.save(plan, metrics, self._snapshot(self._step, plan))

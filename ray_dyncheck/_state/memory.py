@@ -20,7 +20,7 @@ import torch
 from .capture import Captured, trainer_state_bytes
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, write_manifest
 
-__all__ = ["DictStore", "Held", "MemoryStore", "materialize", "snapshot_files"]
+__all__ = ["DictStore", "Held", "MemoryStore", "materialize", "snapshot_files", "write_snapshot"]
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,21 @@ def snapshot_files(captured: Captured, rank_states: Sequence[Mapping[str, Any]])
     return files
 
 
-def materialize(files: Mapping[str, bytes], directory: str, *, kind: str, step: int, world_size: int) -> None:
-    """Write a snapshot's ``files`` and their manifest into ``directory``: a checkpoint
-    :func:`~ray_dyncheck._state.load_checkpoint` reads (names from memory stay inside it)."""
+def write_snapshot(files: Mapping[str, bytes], directory: str) -> dict[str, int]:
+    """Write a snapshot's ``files`` into ``directory`` (names from memory stay inside it); ``{file: bytes}``.
+    The manifest is not written here."""
     sizes = {}
+    os.makedirs(directory, exist_ok=True)
     for name, data in files.items():
         if name not in (MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE):
             raise ValueError(f"a memory snapshot holds an unexpected file {name!r}")
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
         sizes[name] = len(data)
-    write_manifest(directory, sizes, kind=kind, step=step, world_size=world_size)
+    return sizes
+
+
+def materialize(files: Mapping[str, bytes], directory: str, *, kind: str, step: int, world_size: int) -> None:
+    """Write a snapshot's ``files`` and their manifest into ``directory``: a checkpoint
+    :func:`~ray_dyncheck._state.load_checkpoint` reads."""
+    write_manifest(directory, write_snapshot(files, directory), kind=kind, step=step, world_size=world_size)

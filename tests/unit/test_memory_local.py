@@ -166,3 +166,40 @@ def test_memory_snapshots_must_be_off_auto_or_a_step_count(value):
     with pytest.raises(ValueError, match=r"dynamic_checkpoint.memory_snapshots: got .*; set it to 'off', 'auto' or "
                                          r"an integer >= 1 \(steps between snapshots\)"):
         rdc.DynamicCheckpointConfig(memory_snapshots=value)
+
+
+def test_a_full_save_is_also_a_snapshot_and_copies_the_state_once(tmp_path, monkeypatch):
+    import ray_dyncheck._pipeline as pipeline
+    import ray_dyncheck._snapshots as snapshots
+
+    copies = []
+    for module in (pipeline, snapshots):  # a spy: the real copy, counted
+
+        def spy(*a, _real=module.capture_state, _m=module.__name__, **k):
+            copies.append((_m, k["step"]))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, "capture_state", spy)
+    store = DictStore()
+    dc, model, opt, sched, pos = make(tmp_path, {"memory_snapshots": 100}, store)
+    train(dc, model, opt, sched, pos, until=7)
+    expected = state(model, opt)
+    dc.save("full")
+    dc.wait_stored()
+    wait_snapshot(dc, 7)
+    dc.save("weights")  # not a snapshot: a weights-only save copies its own
+    dc.wait_stored()
+    dc.close()
+    assert copies == [("ray_dyncheck._snapshots", 7), ("ray_dyncheck._pipeline", 7)], copies
+    assert [(s["step"], s["kind"]) for s in dc.saves] == [(7, "full"), (7, "weights")]
+
+    # The stored checkpoint of step 7 (written from the snapshot's bytes) restores exactly.
+    dc2, model2, opt2, *_ = make(tmp_path / "elsewhere", {}, None)
+    dc2.close()
+    full = sorted((tmp_path / "run").glob("checkpoint_00000007_full*"))
+    assert len(full) == 1
+    from ray_dyncheck._state import load_checkpoint
+
+    info = load_checkpoint(str(full[0]), model=model2, optimizer=opt2, lr_scheduler=None, extra_state=None, rank=0)
+    assert (info.step, info.kind, info.loaded_optimizer) == (7, "full", True)
+    same(state(model2, opt2), expected)
