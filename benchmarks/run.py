@@ -13,6 +13,8 @@ Sections (each also runs alone: ``python -m benchmarks.<section> --mode quick``)
   interrupt    P4: signal -> weights committed / driver exit vs a plain Ctrl+C (benchmarks.interrupt; Ray)
   poller       storage requests per poll and per day, and the poller's CPU (benchmarks.poller_cost)
   memory       peak RSS with vs without the hook; extra bytes during a save (benchmarks.memory)
+  recovery     steps lost and time to the first step after a crash, memory snapshots vs storage; their
+               steady cost at auto (benchmarks.recovery; a 4-node local Ray cluster)
 
 Every comparison is a ratio or a difference measured within the same run, with a spread (these
 machines are shared and noisy); latencies are seconds, with their spread. The JSON records the
@@ -36,6 +38,7 @@ SECTIONS = {
     "interrupt": "benchmarks.interrupt",
     "poller": "benchmarks.poller_cost",
     "memory": "benchmarks.memory",
+    "recovery": "benchmarks.recovery",
 }
 TITLES = {
     "checks": "P1: check overhead and reaction",
@@ -44,6 +47,7 @@ TITLES = {
     "interrupt": "P4: graceful interrupt",
     "poller": "Rank 0's poller: storage requests and CPU",
     "memory": "Memory",
+    "recovery": "Recovery: memory snapshots vs storage",
 }
 # Keys every section's result has (what --smoke checks).
 SHAPE = {"mode": str, "seconds": float, "result": dict}
