@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import ray
 
 from .._state.memory import Held, MemoryStore
@@ -46,7 +47,8 @@ class Holder:
     def __init__(self) -> None:
         self._sets: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def put(self, key: str, step: int, meta: dict[str, Any], files: dict[str, bytes]) -> str:
+    def put(self, key: str, step: int, meta: dict[str, Any], files: dict[str, Any]) -> str:
+        files = {name: bytes(memoryview(data)) for name, data in files.items()}  # our copy, off the object store
         newest = self._newest(key)
         self._sets = {k: v for k, v in self._sets.items() if k[0] != key or (newest is not None and k[1] == newest)}
         self._sets[(key, step)] = {"meta": meta, "files": files, "complete": False}
@@ -67,11 +69,12 @@ class Holder:
         step = self._newest(key)
         return None if step is None else (step, self._sets[(key, step)]["meta"])
 
-    def get(self, key: str, step: int) -> dict[str, bytes]:
+    def get(self, key: str, step: int) -> dict[str, Any]:
         entry = self._sets.get((key, step))
         if entry is None or not entry["complete"]:
             raise KeyError(f"no complete snapshot of step {step} is held here")
-        return entry["files"]
+        # As arrays, so Ray ships them out of band: one copy into the object store, read in place by the worker.
+        return {name: np.frombuffer(data, dtype=np.uint8) for name, data in entry["files"].items()}
 
     def held(self) -> int:
         return sum(len(b) for v in self._sets.values() for b in v["files"].values())
@@ -138,7 +141,8 @@ class RayMemoryStore(MemoryStore):
         return ([self.own_node] if self.own_node in self.holders else []) + after
 
     def put(self, step: int, meta: Mapping[str, Any], files: Mapping[str, bytes]) -> tuple[str, ...]:
-        ref = ray.put(dict(files))  # one copy in the object store; each holder keeps its own
+        # As arrays: one copy into the object store, out of band; each holder copies its own out of it.
+        ref = ray.put({name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()})
         held: list[str] = []
         try:
             for node in self._targets():
@@ -178,12 +182,13 @@ class RayMemoryStore(MemoryStore):
         meta, nodes = found[step]
         return Held(step, meta, tuple(nodes))
 
-    def get(self, held: Held) -> dict[str, bytes]:
+    def get(self, held: Held) -> dict[str, memoryview]:
         errors = []
         own_first = sorted(held.holders, key=lambda n: n != self.own_node)
         for node in own_first:
             try:
-                return ray.get(self.holders[node].get.remote(self.key, held.step), timeout=CALL_TIMEOUT_S)
+                files = ray.get(self.holders[node].get.remote(self.key, held.step), timeout=CALL_TIMEOUT_S)
+                return {name: memoryview(data) for name, data in files.items()}
             except Exception as exc:
                 errors.append(f"node {node[:12]}: {type(exc).__name__}: {exc}")
         raise RuntimeError(f"no holder served the step-{held.step} snapshot: {'; '.join(errors)}")

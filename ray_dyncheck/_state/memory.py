@@ -51,7 +51,7 @@ class MemoryStore:
         """The newest complete set that some holder still has, or ``None``."""
         raise NotImplementedError
 
-    def get(self, held: Held) -> dict[str, bytes]:
+    def get(self, held: Held) -> Mapping[str, bytes | memoryview]:
         """The files of ``held`` from the first of its holders that answers. Raises when none does."""
         raise NotImplementedError
 
@@ -114,7 +114,7 @@ def snapshot_files(captured: Captured, rank_states: Sequence[Mapping[str, Any]])
     return files
 
 
-def write_snapshot(files: Mapping[str, bytes], directory: str) -> dict[str, int]:
+def write_snapshot(files: Mapping[str, bytes | memoryview], directory: str) -> dict[str, int]:
     """Write a snapshot's ``files`` into ``directory`` (names from memory stay inside it); ``{file: bytes}``.
     The manifest is not written here."""
     sizes = {}
@@ -124,11 +124,12 @@ def write_snapshot(files: Mapping[str, bytes], directory: str) -> dict[str, int]
             raise ValueError(f"a memory snapshot holds an unexpected file {name!r}")
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
-        sizes[name] = len(data)
+        sizes[name] = memoryview(data).nbytes
     return sizes
 
 
-def materialize(files: Mapping[str, bytes], directory: str, *, kind: str, step: int, world_size: int) -> None:
+def materialize(files: Mapping[str, bytes | memoryview], directory: str, *, kind: str, step: int,
+                world_size: int) -> None:
     """Write a snapshot's ``files`` and their manifest into ``directory``: a checkpoint
     :func:`~ray_dyncheck._state.load_checkpoint` reads."""
     write_manifest(directory, write_snapshot(files, directory), kind=kind, step=step, world_size=world_size)
