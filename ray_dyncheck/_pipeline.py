@@ -35,6 +35,7 @@ from ._state import (
     Stateful,
     capture_rank_state,
     capture_state,
+    is_hf_model,
     unwrap_model,
     write_files,
     write_manifest,
@@ -133,9 +134,11 @@ class SavePipeline:
                 try:
                     directory = tempfile.mkdtemp(prefix=f"dyncheck-{step}-")
                     copier = self.buffers.lease()
-                    if snapshot is not None and not self.sharded and kind == "full":
+                    module = unwrap_model(self.model)
+                    if snapshot is not None and not self.sharded and kind == "full" and not is_hf_model(module):
+                        # (A Hugging Face model is saved with save_pretrained, config.json included: not these bytes.)
                         captured = Captured(kind=kind, step=step, sharded=False, tensors={}, lr_scheduler=None,
-                                            module=unwrap_model(self.model))
+                                            module=module)
                     else:
                         snapshot = None
                         captured = capture_state(self.model, self.optimizer, self.lr_scheduler, kind=kind,

@@ -52,7 +52,8 @@ class MemorySnapshots:
 
     def __init__(self, setting: int | str, agreement: Agreement, store: MemoryStore | None, *,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
-                 extra_state: Mapping[str, Stateful], run: str, metrics: Metrics | None = None) -> None:
+                 extra_state: Mapping[str, Stateful], run: str, metrics: Metrics | None = None,
+                 buffers: KeptBuffers | None = None) -> None:
         self.agreement, self.store = agreement, store
         self.rank, self.world_size = agreement.rank, agreement.world_size
         self.model, self.optimizer, self.lr_scheduler, self.extra_state = model, optimizer, lr_scheduler, extra_state
@@ -78,7 +79,9 @@ class MemorySnapshots:
                 logger.warning("dyncheck: memory_snapshots=%s is off for this run: %s", setting, why)
         self._next = self.interval
         self._start = 0
-        self._buffers = KeptBuffers(on_cuda)
+        # The save pipeline's (on a GPU: one set of pinned buffers for both; a lease taken by one makes the other
+        # copy into fresh buffers meanwhile).
+        self._buffers = buffers if buffers is not None else KeptBuffers(on_cuda)
         self._lock = threading.Lock()
         self._busy = False
         self._newest: int | None = None
@@ -86,7 +89,10 @@ class MemorySnapshots:
         self._cost_s = 0.0
         """Rank 0: seconds the newest snapshot cost (blocked + background); guarded by ``_lock``."""
         self._t_last: tuple[int, float] | None = None
+        self._last: tuple[int, Future[dict[str, bytes]]] | None = None
+        """Rank 0, training thread: the step of the newest snapshot handed over, and its files."""
         self.taken = 0
+        """Rank 0: snapshots held; guarded by ``_lock``."""
         self.skipped = 0
 
     @property
@@ -123,12 +129,16 @@ class MemorySnapshots:
         states = self.agreement.gather(mine)  # every rank, even after an error
         interval = self.interval
         files: Future[dict[str, bytes]] | None = None
-        if self.rank == 0:
+        if self.rank == 0 and self._last is not None and self._last[0] == step:
+            files = self._last[1]  # taken at this step already (a save() after step()): the same state
+        elif self.rank == 0:
             assert states is not None
             newest = self.newest_step
             self.metrics.snapshot_age(step - (newest if newest is not None else self._start))
             files = self._hand_over(step, states)
-            interval = self._next_interval(step, time.perf_counter() - t0)
+            if files is not None:  # a skipped one keeps the interval: its cost is not known yet
+                self._last = (step, files)
+                interval = self._next_interval(step, time.perf_counter() - t0)
         if self.auto:
             interval = int(self.agreement.broadcast(interval))  # type: ignore[call-overload]
         self.interval = interval
@@ -143,8 +153,10 @@ class MemorySnapshots:
         with self._lock:
             if self._busy:
                 self.skipped += 1
-                logger.info("dyncheck: memory snapshot at step %d skipped: the previous one is still being "
-                            "handed to the holders", step)
+                log = logger.warning if self.skipped == 1 else logger.debug
+                log("dyncheck: memory snapshot at step %d skipped: the previous one is still being handed to the "
+                    "holders (a crash may lose up to two intervals; %s)", step,
+                    "auto lengthens it" if self.auto else "raise memory_snapshots, or set it to auto")
                 return None
             self._busy = True
         copier = self._buffers.lease()
@@ -161,6 +173,7 @@ class MemorySnapshots:
 
         def ship() -> None:
             t = time.perf_counter()
+            held: Mapping[str, int] | None = None
             try:
                 try:
                     files = snapshot_files(captured, states)
@@ -176,22 +189,29 @@ class MemorySnapshots:
                 holders = self.store.put(step, meta, files)
                 del files
                 held = self.store.held_bytes()
+                logger.debug("dyncheck: memory snapshot of step %d held on %s", step, ", ".join(holders))
             except Exception as exc:
                 logger.error("dyncheck: memory snapshot at step %d not held (%s: %s); the previous one stays",
                              step, type(exc).__name__, exc)
-                return
             finally:
                 copier.release()
-                with self._lock:
+                with self._lock:  # one section: an older hand-over never overwrites a newer one's result
                     self._busy = False
                     self._cost_s += time.perf_counter() - t
-            with self._lock:
-                self._newest = step
-            self.taken += 1
-            logger.debug("dyncheck: memory snapshot of step %d held on %s", step, ", ".join(holders))
-            self.metrics.snapshot_held(held)
+                    if held is not None:
+                        self._newest = step
+                        self.taken += 1
+            if held is not None:
+                self.metrics.snapshot_held(held)
 
-        threading.Thread(target=ship, name="dyncheck-snapshot", daemon=True).start()
+        try:
+            threading.Thread(target=ship, name="dyncheck-snapshot", daemon=True).start()
+        except Exception:  # no thread: nothing handed over (the caller still joins every collective)
+            logger.exception("dyncheck: could not start the step-%d snapshot's thread", step)
+            copier.release()
+            with self._lock:
+                self._busy = False
+            return None
         return serialised
 
     def _next_interval(self, step: int, blocked_s: float) -> int:

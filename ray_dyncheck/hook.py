@@ -126,7 +126,8 @@ class DynamicCheckpoint:
         storage = self.backend.storage()
         return MemorySnapshots(self.config.memory_snapshots, self._core.agreement, store, model=self.model,
                                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                               run=storage[1] if storage is not None else "", metrics=self._core.metrics)
+                               run=storage[1] if storage is not None else "", metrics=self._core.metrics,
+                               buffers=self._pipeline.buffers)
 
     @property
     def memory_snapshot_step(self) -> int | None:
@@ -285,10 +286,11 @@ class DynamicCheckpoint:
         snapshots = self._snapshots
         held = Held(chosen["step"], chosen["meta"], tuple(chosen["holders"]))
         where = f"the memory snapshot of step {held.step}"
-        directory = tempfile.mkdtemp(prefix="dyncheck-memory-")
+        directory = ""
         try:
             error = None
             try:
+                directory = tempfile.mkdtemp(prefix="dyncheck-memory-")
                 if snapshots is None or snapshots.store is None:  # rank 0 found holders, this rank none
                     raise RuntimeError("this rank found no memory holders")
                 materialize(snapshots.store.get(held), directory, kind=held.meta["kind"], step=held.step,
@@ -315,12 +317,15 @@ class DynamicCheckpoint:
                 snapshots.resumed_from(held.step)
             return replace(info, path=f"memory (step {held.step}, held on {len(held.holders)} node(s))")
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _choose(self) -> dict[str, Any] | None:
         """Rank 0: the newest complete state, in memory or in storage: the memory snapshot when it is
         newer than the newest committed checkpoint of ours (``{"memory": ..., "storage": fallback}``)."""
         stored = self._choose_stored()
+        if stored is not None and "foreign" in stored:
+            return None  # the newest checkpoint is not ours: state left as it is, memory included (logged)
         held = None
         if self._snapshots is not None and self._snapshots.active:
             try:
@@ -335,11 +340,13 @@ class DynamicCheckpoint:
         return stored
 
     def _choose_stored(self) -> dict[str, Any] | None:
-        """Rank 0: the newest complete checkpoint of ours, judged by its manifest in storage."""
+        """Rank 0: the newest complete checkpoint of ours, judged by its manifest in storage; ``{"foreign": path}``
+        when the newest one is not ours."""
         storage = self.backend.storage()
         if storage is None:
             return None
         fs = storage[0]
+        foreign: list[str] = []
 
         def judge(path: str, is_newest: bool) -> Any:
             manifest = read_stored_manifest(fs, path)  # raises when torn or unreadable: skipped
@@ -348,10 +355,12 @@ class DynamicCheckpoint:
             if is_newest:
                 logger.warning("dyncheck: the newest checkpoint (%s) was not written by ray_dyncheck; training "
                                "state left as it is", path)
+                foreign.append(path)
                 return STOP
             return None
 
-        return newest(self.backend.checkpoints(), judge)
+        chosen = newest(self.backend.checkpoints(), judge)
+        return {"foreign": foreign[0]} if foreign else chosen
 
     # -- the per-step call -------------------------------------------------------------------------
 

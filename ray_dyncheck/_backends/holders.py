@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.exceptions
 
 from .._state.memory import Held, MemoryStore
 
@@ -55,12 +56,20 @@ class Holder:
         return ray.get_runtime_context().get_node_id()
 
     def commit(self, key: str, step: int) -> bool:
+        """Mark the set complete (the older complete one stays until :meth:`prune`: every copy commits first)."""
         entry = self._sets.get((key, step))
         if entry is None:
             return False
         entry["complete"] = True
-        self._sets = {k: v for k, v in self._sets.items() if k[0] != key or k[1] == step}
         return True
+
+    def prune(self, key: str, step: int) -> None:
+        """Every copy of ``step`` is complete: drop the run's other sets."""
+        self._sets = {k: v for k, v in self._sets.items() if k[0] != key or k[1] == step}
+
+    def abort(self, key: str, step: int) -> None:
+        """``step`` could not be made complete everywhere: drop it here (the set before it stays)."""
+        self._sets.pop((key, step), None)
 
     def _newest(self, key: str) -> int | None:
         return max((s for (k, s), v in self._sets.items() if k == key and v["complete"]), default=None)
@@ -86,26 +95,41 @@ def start_holders(timeout_s: float = 60.0) -> list[Any]:
 
     job = ray.get_runtime_context().get_job_id()
     actor = ray.remote(Holder)
-    handles = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        node_id = node["NodeID"]
-        handles.append(actor.options(  # type: ignore[attr-defined]
-            name=holder_name(job, node_id), namespace=NAMESPACE, num_cpus=0, max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote())
-    ray.get([h.held.remote() for h in handles], timeout=timeout_s)  # type: ignore[attr-defined]
+    handles: list[Any] = []
+    try:
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            node_id = node["NodeID"]
+            handles.append(actor.options(  # type: ignore[attr-defined]
+                name=holder_name(job, node_id), namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote())
+        ray.get([h.held.remote() for h in handles], timeout=timeout_s)
+    except BaseException:
+        stop_holders(handles)  # none left behind for workers to find
+        raise
     logger.info("dyncheck: memory holders on %d node(s)", len(handles))
     return handles
 
 
-def stop_holders(handles: list[Any]) -> None:
-    """Driver: end the holders (what they held goes with them)."""
+def stop_holders(handles: list[Any], timeout_s: float = 10.0) -> None:
+    """Driver: end the holders (what they held goes with them), and wait (bounded) until their names are free,
+    so a next ``fit()`` in this driver can start its own."""
     for h in handles:
         try:
             ray.kill(h)
         except Exception:  # already gone with its node
             logger.debug("dyncheck: holder already gone", exc_info=True)
+    deadline = time.monotonic() + timeout_s
+    for h in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(h.held.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                break  # dead
+            except Exception:
+                break  # unreachable: as good as gone for this wait
+            time.sleep(0.05)
 
 
 class RayMemoryStore(MemoryStore):
@@ -156,11 +180,18 @@ class RayMemoryStore(MemoryStore):
                                    "trying another", node[:12], step, type(exc).__name__)
         finally:
             del ref
-        if len(held) < self.copies:
-            raise RuntimeError(f"only {len(held)} of {self.copies} holders took it")
-        for node in held:  # complete only once every copy is held
-            if not ray.get(self.holders[node].commit.remote(self.key, step), timeout=CALL_TIMEOUT_S):
-                raise RuntimeError(f"the holder on node {node[:12]} lost it before the commit")
+        try:
+            if len(held) < self.copies:
+                raise RuntimeError(f"only {len(held)} of {self.copies} holders took it")
+            for node in held:  # complete only once every copy is held; the set before it stays until then
+                if not ray.get(self.holders[node].commit.remote(self.key, step), timeout=CALL_TIMEOUT_S):
+                    raise RuntimeError(f"the holder on node {node[:12]} lost it before the commit")
+        except BaseException:
+            for node in held:  # best effort: none keeps a copy that is not complete everywhere
+                self.holders[node].abort.remote(self.key, step)
+            raise
+        for node in held:
+            self.holders[node].prune.remote(self.key, step)
         return tuple(held)
 
     def newest(self) -> Held | None:
@@ -194,10 +225,12 @@ class RayMemoryStore(MemoryStore):
         raise RuntimeError(f"no holder served the step-{held.step} snapshot: {'; '.join(errors)}")
 
     def held_bytes(self) -> dict[str, int]:
+        calls = {node: h.held.remote() for node, h in self.holders.items()}
+        deadline = time.monotonic() + LOOKUP_TIMEOUT_S
         out = {}
-        for node, h in self.holders.items():
+        for node, call in calls.items():
             try:
-                out[node] = int(ray.get(h.held.remote(), timeout=LOOKUP_TIMEOUT_S))
-            except Exception:
+                out[node] = int(ray.get(call, timeout=max(0.1, deadline - time.monotonic())))
+            except Exception:  # a holder lost with its node holds nothing
                 continue
         return out

@@ -2,7 +2,16 @@
 (:mod:`.capture`, :mod:`.snapshot`, :mod:`.sharded`), and loading it back (:mod:`.restore`). Nothing here
 imports Ray."""
 
-from .capture import Captured, Stateful, capture_rank_state, capture_state, unwrap_model, write_checkpoint, write_files
+from .capture import (
+    Captured,
+    Stateful,
+    capture_rank_state,
+    capture_state,
+    is_hf_model,
+    unwrap_model,
+    write_checkpoint,
+    write_files,
+)
 from .layout import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -17,6 +26,6 @@ from .layout import (
 from .restore import CheckpointInfo, load_checkpoint
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SHARDED_FORMAT_VERSION", "TRAINER_FILE",
-           "Captured", "CheckpointInfo", "Stateful", "capture_rank_state", "capture_state", "load_checkpoint",
-           "read_manifest", "read_stored_manifest", "unwrap_model", "write_checkpoint", "write_files",
-           "write_manifest"]
+           "Captured", "CheckpointInfo", "Stateful", "capture_rank_state", "capture_state", "is_hf_model",
+           "load_checkpoint", "read_manifest", "read_stored_manifest", "unwrap_model", "write_checkpoint",
+           "write_files", "write_manifest"]

@@ -43,6 +43,7 @@ __all__ = [
     "Stateful",
     "capture_rank_state",
     "capture_state",
+    "is_hf_model",
     "trainer_state_bytes",
     "unwrap_model",
     "write_checkpoint",
@@ -85,7 +86,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _is_hf_model(module: torch.nn.Module) -> bool:
+def is_hf_model(module: torch.nn.Module) -> bool:
     """A Hugging Face ``PreTrainedModel`` (duck-typed: transformers stays optional)."""
     return callable(getattr(module, "save_pretrained", None)) and hasattr(getattr(module, "config", None),
                                                                            "to_json_string")
@@ -95,7 +96,7 @@ def _save_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], dir
     """``weights`` (a host copy of ``module``'s state, tied names dropped) in safetensors; a HF model in
     its own ``save_pretrained`` layout (config.json, possibly sharded), so ``from_pretrained(directory)``
     loads it as is."""
-    if _is_hf_model(module):
+    if is_hf_model(module):
         before = set(os.listdir(directory))
         module.save_pretrained(directory, state_dict=weights, safe_serialization=True)  # type: ignore[operator]
         # Not dot files: the metadata is written beside them meanwhile (from the training thread).
@@ -189,7 +190,7 @@ def write_files(directory: str, captured: Captured, *, rank: int, rank_states: S
     files: list[str] = []
     if captured.sharded:  # makes the directory: a failure there is agreed on before DCP's collectives
         files += write_sharded(directory, captured.tensors, group)
-        if rank == 0 and _is_hf_model(captured.module):  # for `export` to a from_pretrained folder
+        if rank == 0 and is_hf_model(captured.module):  # for `export` to a from_pretrained folder
             with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
                 f.write(captured.module.config.to_json_string())  # type: ignore[union-attr,operator]
             files.append("config.json")

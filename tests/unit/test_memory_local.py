@@ -71,6 +71,8 @@ def same(a, b):
 def test_a_crash_resumes_from_the_newest_snapshot_and_goes_on_as_if_never_stopped(tmp_path):
     store = DictStore()
     dc, *objs = make(tmp_path, {"memory_snapshots": 5}, store)
+    train(dc, *objs, until=5)
+    wait_snapshot(dc, 5)  # else the step-10 one may find it still in flight, and be skipped
     train(dc, *objs, until=10)
     wait_snapshot(dc, 10)
     train(dc, *objs, until=13)  # the "crash" comes at step 13: steps 11-13 are lost
@@ -111,6 +113,8 @@ def test_a_stored_checkpoint_newer_than_the_snapshot_wins_and_a_lost_snapshot_fa
 
     lost = Lost()
     dc3, *objs3 = make(tmp_path, {"memory_snapshots": 4}, lost)
+    train(dc3, *objs3, until=4)
+    wait_snapshot(dc3, 4)
     train(dc3, *objs3, until=8)
     wait_snapshot(dc3, 8)
     dc3.close()
@@ -203,3 +207,44 @@ def test_a_full_save_is_also_a_snapshot_and_copies_the_state_once(tmp_path, monk
     info = load_checkpoint(str(full[0]), model=model2, optimizer=opt2, lr_scheduler=None, extra_state=None, rank=0)
     assert (info.step, info.kind, info.loaded_optimizer) == (7, "full", True)
     same(state(model2, opt2), expected)
+
+
+def test_a_newer_checkpoint_we_did_not_write_leaves_memory_unused_too(tmp_path, caplog):
+    import json
+    import os
+
+    store = DictStore()
+    dc, *objs = make(tmp_path, {"memory_snapshots": 4}, store)
+    train(dc, *objs, until=4)
+    wait_snapshot(dc, 4)
+    dc.close()
+    os.makedirs(tmp_path / "run" / "checkpoint_99999999_theirs" / "weights")
+    (tmp_path / "run" / "checkpoint_99999999_theirs" / ".dyncheck-committed").write_text(
+        json.dumps({"time": time.time() + 10}))
+    dc2, model2, *_ = make(tmp_path, {"memory_snapshots": 4}, store)
+    before = [p.clone() for p in model2.parameters()]
+    with caplog.at_level(logging.WARNING, logger="ray_dyncheck"):
+        assert dc2.restore() is None  # the user restores their own: nothing of ours is loaded over it
+    dc2.close()
+    assert "was not written by ray_dyncheck; training state left as it is" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))
+
+
+def test_a_save_after_a_step_that_took_a_snapshot_reuses_it(tmp_path):
+    class Counting(DictStore):
+        puts: list[int] = []
+
+        def put(self, step, meta, files):
+            self.puts.append(step)
+            return super().put(step, meta, files)
+
+    store = Counting()
+    dc, *objs = make(tmp_path, {"memory_snapshots": 4}, store)
+    train(dc, *objs, until=4)  # the step-4 snapshot, taken inside step()
+    wait_snapshot(dc, 4)
+    dc.save("full")  # at the same step: the same snapshot, not a second one put over the complete one
+    dc.wait_stored()
+    dc.close()
+    assert dc.memory_snapshot_step == 4 and store.newest().step == 4
+    assert store.puts == [4], "one snapshot of step 4, put once"
+    assert [(s["step"], s["kind"]) for s in dc.saves] == [(4, "full")]
