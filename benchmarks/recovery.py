@@ -14,7 +14,7 @@ machine). Two CPU workers (DDP, gloo) train an MLP whose parameters + AdamW mome
   steady    training time per step with ``memory_snapshots: auto`` vs off, in paired rounds (one run each per
             round, alternating which goes first); the interval ``auto`` chose; the bytes the holders held.
 
-    python -m benchmarks.recovery [--mode smoke|quick|full] [--json PATH]
+    python -m benchmarks.recovery [--mode smoke|quick|full] [--mb MB] [--json PATH]
 
 ``smoke`` starts nothing (the same keys, empty). ``quick``: 100 MB, one trial per cell, 2 steady rounds;
 ``full``: 400 MB, 2 trials per cell, 3 rounds.
@@ -191,8 +191,8 @@ def _trial(cluster: Any, nodes: list[Any], variant: str, failure: str, mb: int) 
             "fail_to_first_step_s": first_after["t"] - t_fail}
 
 
-def _steady(mode: str, mb: int) -> dict[str, Any]:
-    plan = PLAN[mode]
+def _steady(plan: dict[str, Any]) -> dict[str, Any]:
+    mb = plan["mb"]
     rows: dict[str, list[float]] = {"off": [], "auto": []}
     warm: dict[str, list[float]] = {"off": [], "auto": []}
     extra: dict[str, Any] = {}
@@ -221,7 +221,8 @@ def _steady(mode: str, mb: int) -> dict[str, Any]:
             "first_snapshot_s": median(first), "warm_steps": WARM_STEPS, **extra}
 
 
-def run(mode: str) -> dict[str, Any]:
+def run(mode: str, mb: int | None = None) -> dict[str, Any]:
+    """``mb``: the state's size instead of the mode's."""
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; one of {', '.join(MODES)}")
     result: dict[str, Any] = {"mode": mode, "save_steps": SAVE_STEPS, "snapshot_steps": SNAP_STEPS, "kill_at": KILL_AT,
@@ -233,7 +234,7 @@ def run(mode: str) -> dict[str, Any]:
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     result["machine"] = machine()
-    plan = PLAN[mode]
+    plan = {**PLAN[mode], **({"mb": mb} if mb else {})}
     os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "120")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "object_store_memory": NODE_STORE})
@@ -247,7 +248,7 @@ def run(mode: str) -> dict[str, Any]:
                     row = _trial(cluster, nodes, variant, failure, plan["mb"])
                     result["trials"].append(row)
                     print(json.dumps(row), flush=True)
-        result["steady"] = _steady(mode, plan["mb"])
+        result["steady"] = _steady(plan)
         result["mb"] = plan["mb"]
     finally:
         ray.shutdown()
@@ -286,8 +287,9 @@ def table(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = section_parser(__doc__)
+    p.add_argument("--mb", type=int, default=None, help="the state's size in MB (default: the mode's)")
     args = p.parse_args(argv)
-    report(run(args.mode), table, args.json)
+    report(run(args.mode, args.mb), table, args.json)
     return 0
 
 
