@@ -8,14 +8,10 @@ in a plain ``torch.distributed`` world without Ray (:class:`LocalBackend`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,20 +19,16 @@ import torch
 from ._backends.base import Backend, require
 from ._backends.local import LocalBackend
 from ._core import Plan, WorkerCore
-from ._core.agree import Agreement, Decision, chosen_by_rank0, fail_together
+from ._core.agree import Agreement, Decision
 from ._pipeline import SavePipeline
+from ._resume import Restorer
 from ._snapshots import MemorySnapshots
 from ._state import (
     CheckpointInfo,
     Stateful,
-    load_checkpoint,
-    read_manifest,
-    read_stored_manifest,
     unwrap_model,
 )
-from ._state.fetch import STOP, newest
-from ._state.memory import Held, materialize
-from ._state.sharded import DCP_ERRORS, check_supported
+from ._state.sharded import check_supported
 from .config import DynamicCheckpointConfig, load_config
 from .vocab import Kind, Reason
 
@@ -230,45 +222,14 @@ class DynamicCheckpoint:
         Raises:
             CheckpointRestoreError: on every rank, with the same message, when any rank failed.
         """
+        restorer = Restorer(self.backend, self._snapshots, model=self.model, optimizer=self.optimizer,
+                            lr_scheduler=self.lr_scheduler, extra_state=self.extra_state)
         agreement = Agreement(timeout_s=timeout_s)  # collective: every rank is here
         try:
-            return self._restore(agreement)
+            found = restorer.restore(agreement)
         finally:
             agreement.close()
-
-    def _restore(self, agreement: Agreement) -> CheckpointInfo | None:
-        choice = chosen_by_rank0(agreement, self._choose)
-        if choice is not None and "memory" in choice:
-            info = self._restore_memory(agreement, choice["memory"])
-            if info is not None:
-                return self._resumed(info, "memory")
-            choice = choice["storage"]  # the same on every rank: the memory path failed on some rank
-        if choice is None:
-            return None
-        path = choice["path"]
-        info, error = None, None
-        with contextlib.ExitStack() as stack:
-            # What each rank does alone (download, file checks) is agreed on before the load, whose
-            # collectives (sharded state) every rank must then join.
-            directory = ""
-            try:
-                directory = stack.enter_context(self.backend.open(path))
-                if read_manifest(directory) is None:
-                    raise ValueError(f"{path} has no manifest after download")
-            except DCP_ERRORS as exc:
-                logger.exception("dyncheck: rank %d could not fetch checkpoint %s", self.rank, path)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            fail_together(agreement, error, path)
-            try:
-                info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                                       rank=self.rank, group=agreement.group)
-            except DCP_ERRORS as exc:
-                logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, path)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            fail_together(agreement, error, path)
-        assert info is not None  # loaded here, or raised above
-        return self._resumed(info, "storage")
+        return None if found is None else self._resumed(*found)
 
     def _resumed(self, info: CheckpointInfo, source: str) -> CheckpointInfo:
         self.global_step = info.step  # the next check follows it
@@ -279,88 +240,6 @@ class DynamicCheckpoint:
                 logger.warning("dyncheck: optimizer state starts fresh: the interrupt saved weights "
                                "only; use on_interrupt: full for an exact resume")
         return info
-
-    def _restore_memory(self, agreement: Agreement, chosen: dict[str, Any]) -> CheckpointInfo | None:
-        """Every rank: load the memory snapshot rank 0 chose. ``None`` on every rank when some rank could
-        not fetch it (the caller falls back to storage); a failed load raises on every rank, as from storage."""
-        snapshots = self._snapshots
-        held = Held(chosen["step"], chosen["meta"], tuple(chosen["holders"]))
-        where = f"the memory snapshot of step {held.step}"
-        directory = ""
-        try:
-            error = None
-            try:
-                directory = tempfile.mkdtemp(prefix="dyncheck-memory-")
-                if snapshots is None or snapshots.store is None:  # rank 0 found holders, this rank none
-                    raise RuntimeError("this rank found no memory holders")
-                materialize(snapshots.store.get(held), directory, kind=held.meta["kind"], step=held.step,
-                            world_size=self.world_size)
-            except Exception as exc:
-                logger.exception("dyncheck: rank %d could not fetch %s", self.rank, where)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            error = agreement.shared_error(error, f"fetch {where}")
-            if error is not None:
-                if self.rank == 0:
-                    logger.warning("dyncheck: %s is lost (%s): resuming from storage", where, error)
-                return None
-            info = None
-            try:
-                info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                                       rank=self.rank, group=agreement.group)
-            except DCP_ERRORS as exc:
-                logger.exception("dyncheck: rank %d could not load %s", self.rank, where)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            fail_together(agreement, error, where)
-            assert info is not None
-            if snapshots is not None:
-                snapshots.resumed_from(held.step)
-            return replace(info, path=f"memory (step {held.step}, held on {len(held.holders)} node(s))")
-        finally:
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
-
-    def _choose(self) -> dict[str, Any] | None:
-        """Rank 0: the newest complete state, in memory or in storage: the memory snapshot when it is
-        newer than the newest committed checkpoint of ours (``{"memory": ..., "storage": fallback}``)."""
-        stored = self._choose_stored()
-        if stored is not None and "foreign" in stored:
-            return None  # the newest checkpoint is not ours: state left as it is, memory included (logged)
-        held = None
-        if self._snapshots is not None and self._snapshots.active:
-            try:
-                held = self._snapshots.newest()
-            except Exception:
-                logger.exception("dyncheck: could not ask the memory holders for a snapshot; resuming from storage")
-        if held is not None and (stored is None or held.step > stored["step"]):
-            return {"memory": {"step": held.step, "meta": held.meta, "holders": list(held.holders)}, "storage": stored}
-        if held is not None and stored is not None:
-            logger.info("dyncheck: the stored checkpoint of step %d is newer than the memory snapshot of step %d",
-                        stored["step"], held.step)
-        return stored
-
-    def _choose_stored(self) -> dict[str, Any] | None:
-        """Rank 0: the newest complete checkpoint of ours, judged by its manifest in storage; ``{"foreign": path}``
-        when the newest one is not ours."""
-        storage = self.backend.storage()
-        if storage is None:
-            return None
-        fs = storage[0]
-        foreign: list[str] = []
-
-        def judge(path: str, is_newest: bool) -> Any:
-            manifest = read_stored_manifest(fs, path)  # raises when torn or unreadable: skipped
-            if manifest is not None:
-                return {"path": path, "step": int(manifest["step"])}
-            if is_newest:
-                logger.warning("dyncheck: the newest checkpoint (%s) was not written by ray_dyncheck; training "
-                               "state left as it is", path)
-                foreign.append(path)
-                return STOP
-            return None
-
-        chosen = newest(self.backend.checkpoints(), judge)
-        return {"foreign": foreign[0]} if foreign else chosen
 
     # -- the per-step call -------------------------------------------------------------------------
 

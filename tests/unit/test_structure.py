@@ -15,7 +15,7 @@ LAYERS = [
     {"_state"},
     {"_backends"},
     {"_core"},
-    {"_pipeline", "_snapshots", "_hf", "_lightning", "_shutdown"},
+    {"_pipeline", "_snapshots", "_resume", "_hf", "_lightning", "_shutdown"},
     {"hook", "hf", "lightning", "client", "driver", "export", "cli", "__init__", "__main__"},
 ]
 
