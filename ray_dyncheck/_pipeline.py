@@ -69,6 +69,24 @@ class _Write:
     """When the writer thread began it (``time.monotonic()``); guarded by the pipeline's ``_lock``."""
 
 
+def gather_rank_states(agreement: Agreement, extra_state: Mapping[str, Stateful],
+                       what: str) -> tuple[list[Any] | None, str | None]:
+    """Every rank, at the same step: every rank's small state (RNG, ``extra_state``) gathered on rank 0, and rank
+    0's joined error when some rank could not capture its own (``None`` elsewhere). A rank that fails still
+    joins the gather."""
+    try:
+        mine: dict[str, Any] = capture_rank_state(extra_state)
+        pickle.dumps(mine)  # gather_object pickles before it talks: fail here, not skip it
+    except Exception as exc:
+        logger.exception("dyncheck: rank %d could not capture its state at %s", agreement.rank, what)
+        mine = {"error": f"rank {agreement.rank}: {type(exc).__name__}: {exc}"}
+    states = agreement.gather(mine)  # every rank, even after an error
+    if states is None:
+        return None, None
+    errors = [s["error"] for s in states if isinstance(s, dict) and "error" in s]
+    return states, "; ".join(errors) or None
+
+
 class SavePipeline:
     """Construct on every rank at the same point (it creates the writers' gloo group).
 
@@ -112,18 +130,7 @@ class SavePipeline:
         assert plan.kind is not None, "save() of a plan that saves nothing"
         step, kind = plan.step, plan.kind.value  # a plain str in what is saved
         agreement = self.core.agreement
-        try:
-            mine: dict[str, Any] = capture_rank_state(self.extra_state)
-            pickle.dumps(mine)  # gather_object pickles before it talks: fail here, not skip it
-        except Exception as exc:
-            logger.exception("dyncheck: rank %d could not capture its state at step %d", self.rank, step)
-            mine = {"error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
-        states = agreement.gather(mine)  # every rank, even after an error
-        error: str | None = None
-        if self.rank == 0:
-            assert states is not None
-            errors = [s["error"] for s in states if isinstance(s, dict) and "error" in s]
-            error = "; ".join(errors) or None
+        states, error = gather_rank_states(agreement, self.extra_state, f"step {step}")
         captured: Captured | None = None
         directory: str | None = None
         copier: HostCopier | None = None

@@ -62,16 +62,22 @@ class Restorer:
                 logger.exception("dyncheck: rank %d could not fetch checkpoint %s", self.rank, path)
                 error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
             fail_together(agreement, error, path)
-            try:
-                info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                                       rank=self.rank, group=agreement.group)
-            except DCP_ERRORS as exc:
-                logger.exception("dyncheck: rank %d could not load checkpoint %s", self.rank, path)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            fail_together(agreement, error, path)
-        assert info is not None  # loaded here, or raised above
+            info = self._load(agreement, directory, f"checkpoint {path}", path)
         return info, "storage"
+
+    def _load(self, agreement: Agreement, directory: str, what: str, where: str) -> CheckpointInfo:
+        """Every rank, once every rank has ``directory``: load it; any rank's failure raises on every rank."""
+        info, error = None, None
+        try:
+            info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
+                                   lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
+                                   rank=self.rank, group=agreement.group)
+        except DCP_ERRORS as exc:
+            logger.exception("dyncheck: rank %d could not load %s", self.rank, what)
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        fail_together(agreement, error, where)
+        assert info is not None  # loaded here, or raised above
+        return info
 
     def _restore_memory(self, agreement: Agreement, chosen: dict[str, Any]) -> CheckpointInfo | None:
         """Every rank: load the memory snapshot rank 0 chose. ``None`` on every rank when some rank could
@@ -96,16 +102,7 @@ class Restorer:
                 if self.rank == 0:
                     logger.warning("dyncheck: %s is lost (%s): resuming from storage", where, error)
                 return None
-            info = None
-            try:
-                info = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       lr_scheduler=self.lr_scheduler, extra_state=self.extra_state,
-                                       rank=self.rank, group=agreement.group)
-            except DCP_ERRORS as exc:
-                logger.exception("dyncheck: rank %d could not load %s", self.rank, where)
-                error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            fail_together(agreement, error, where)
-            assert info is not None
+            info = self._load(agreement, directory, where, where)
             if snapshots is not None:
                 snapshots.resumed_from(held.step)
             return replace(info, path=f"memory (step {held.step}, held on {len(held.holders)} node(s))")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +21,8 @@ import torch
 
 from ._backends.metrics import Metrics
 from ._core.agree import Agreement
-from ._state import Stateful, capture_rank_state, capture_state, unwrap_model
+from ._pipeline import gather_rank_states
+from ._state import Stateful, capture_state, unwrap_model
 from ._state.memory import Held, MemoryStore, snapshot_files
 from ._state.sharded import is_sharded
 from ._state.snapshot import KeptBuffers, on_cuda
@@ -120,13 +120,7 @@ class MemorySnapshots:
         if not (self.active and (force or step >= self._next)):
             return None
         t0 = time.perf_counter()
-        try:
-            mine: dict[str, Any] = capture_rank_state(self.extra_state)
-            pickle.dumps(mine)  # gather_object pickles before it talks: fail here, not skip it
-        except Exception as exc:
-            logger.exception("dyncheck: rank %d could not capture its state for the step-%d snapshot", self.rank, step)
-            mine = {"error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
-        states = self.agreement.gather(mine)  # every rank, even after an error
+        states, error = gather_rank_states(self.agreement, self.extra_state, f"the step-{step} snapshot")
         interval = self.interval
         files: Future[dict[str, bytes]] | None = None
         if self.rank == 0 and self._last is not None and self._last[0] == step:
@@ -135,7 +129,7 @@ class MemorySnapshots:
             assert states is not None
             newest = self.newest_step
             self.metrics.snapshot_age(step - (newest if newest is not None else self._start))
-            files = self._hand_over(step, states)
+            files = self._hand_over(step, states, error)
             if files is not None:  # a skipped one keeps the interval: its cost is not known yet
                 self._last = (step, files)
                 interval = self._next_interval(step, time.perf_counter() - t0)
@@ -145,10 +139,9 @@ class MemorySnapshots:
         self._next = step + interval
         return files
 
-    def _hand_over(self, step: int, states: list[Any]) -> Future[dict[str, bytes]] | None:
-        errors = [s["error"] for s in states if isinstance(s, dict) and "error" in s]
-        if errors:
-            logger.error("dyncheck: no memory snapshot at step %d: %s", step, "; ".join(errors))
+    def _hand_over(self, step: int, states: list[Any], error: str | None) -> Future[dict[str, bytes]] | None:
+        if error is not None:
+            logger.error("dyncheck: no memory snapshot at step %d: %s", step, error)
             return None
         with self._lock:
             if self._busy:
